@@ -1,0 +1,44 @@
+# Targets named in the README and issues are contracts: keep their names.
+GO ?= go
+GOLANGCI_LINT_VERSION ?= v2.15.0
+BIN ?= $(CURDIR)/bin
+
+.PHONY: all build test test-unit lint vet fmt-check demo e2e test-vm clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+## test: everything CI runs (unit tests with -race, lint, the real control plane, the real kernel).
+test: lint test-unit e2e test-vm
+
+test-unit:
+	$(GO) test -race -count=1 ./...
+
+vet:
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+lint: vet fmt-check $(BIN)/golangci-lint
+	$(BIN)/golangci-lint run ./...
+
+$(BIN)/golangci-lint:
+	GOBIN=$(BIN) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+
+## demo: build, then show what the plugin publishes for the demo node.
+demo: build
+	./demo/run.sh
+
+## e2e: real etcd, kube-apiserver, kube-scheduler and kube-controller-manager.
+e2e: build
+	./test/e2e/run.sh
+
+## test-vm: the bind path against a real kernel's vfio-pci under QEMU.
+test-vm:
+	./test/vm/run.sh
+
+clean:
+	rm -rf $(BIN) test/vm/out
