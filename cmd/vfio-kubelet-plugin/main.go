@@ -1,0 +1,114 @@
+// Command vfio-kubelet-plugin is the node part of the vfio.dra.dev DRA
+// driver: it publishes the node's PCI functions and binds allocated IOMMU
+// groups to vfio-pci for the kubelet.
+package main
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/component-base/cli"
+	cliflag "k8s.io/component-base/cli/flag"
+	logsapi "k8s.io/component-base/logs/api/v1"
+	"k8s.io/component-base/term"
+	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
+)
+
+func main() {
+	os.Exit(cli.Run(newCommand()))
+}
+
+type options struct {
+	kubeconfig string
+	configFile string
+	cfg        plugin.Config
+	logging    *logsapi.LoggingConfiguration
+}
+
+func newCommand() *cobra.Command {
+	o := options{
+		cfg: plugin.Config{
+			DriverName:     plugin.DefaultDriverName,
+			NodeName:       os.Getenv("NODE_NAME"),
+			SysfsRoot:      "/sys",
+			DevRoot:        "/dev",
+			HostDevRoot:    "/dev",
+			CDIRoot:        "/var/run/cdi",
+			RegistrarDir:   kubeletplugin.KubeletRegistryDir,
+			RescanInterval: time.Minute,
+		},
+		logging: logsapi.NewLoggingConfiguration(),
+	}
+	cmd := &cobra.Command{
+		Use:          "vfio-kubelet-plugin",
+		Short:        "Kubelet plugin of the vfio.dra.dev DRA driver",
+		Args:         cobra.NoArgs,
+		SilenceUsage: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := logsapi.ValidateAndApply(o.logging, nil); err != nil {
+				return err
+			}
+			if err := o.complete(); err != nil {
+				return err
+			}
+			return plugin.Run(cmd.Context(), o.cfg)
+		},
+	}
+
+	var fss cliflag.NamedFlagSets
+	fs := fss.FlagSet("kubernetes")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "Kubeconfig file; empty uses the in-cluster configuration.")
+	fs.StringVar(&o.cfg.NodeName, "node-name", o.cfg.NodeName, "Name of this node (default from $NODE_NAME).")
+	fs.StringVar(&o.cfg.DriverName, "driver-name", o.cfg.DriverName, "DRA driver name.")
+
+	fs = fss.FlagSet("node")
+	fs.StringVar(&o.cfg.SysfsRoot, "sysfs-root", o.cfg.SysfsRoot, "Where the host's /sys is mounted.")
+	fs.StringVar(&o.cfg.DevRoot, "dev-root", o.cfg.DevRoot, "Where the host's /dev is mounted; the plugin waits for vfio group devices there.")
+	fs.StringVar(&o.cfg.HostDevRoot, "host-dev-root", o.cfg.HostDevRoot, "The host's /dev as seen by the container runtime; written into CDI specs.")
+	fs.StringVar(&o.cfg.CDIRoot, "cdi-root", o.cfg.CDIRoot, "Directory for CDI spec files.")
+	fs.StringVar(&o.cfg.PluginDataDir, "plugin-data-dir", "", "Directory for dra.sock and the checkpoint (default /var/lib/kubelet/plugins/<driver-name>).")
+	fs.StringVar(&o.cfg.RegistrarDir, "registrar-dir", o.cfg.RegistrarDir, "The kubelet's plugin registration directory.")
+	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
+	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
+
+	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
+	for _, f := range fss.FlagSets {
+		cmd.Flags().AddFlagSet(f)
+	}
+	cols, _, _ := term.TerminalSize(cmd.OutOrStdout())
+	cliflag.SetUsageAndHelpFunc(cmd, fss, cols)
+	return cmd
+}
+
+func (o *options) complete() error {
+	if o.cfg.PluginDataDir == "" {
+		o.cfg.PluginDataDir = kubeletplugin.KubeletPluginsDir + "/" + o.cfg.DriverName
+	}
+	if o.configFile != "" {
+		c, err := v1alpha1.LoadDriverConfiguration(o.configFile)
+		if err != nil {
+			return err
+		}
+		o.cfg.DriverConfig = c
+	}
+	var restConfig *rest.Config
+	var err error
+	if o.kubeconfig != "" {
+		restConfig, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	} else {
+		restConfig, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return fmt.Errorf("Kubernetes client configuration: %w", err)
+	}
+	o.cfg.KubeClient, err = kubernetes.NewForConfig(restConfig)
+	return err
+}

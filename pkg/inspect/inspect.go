@@ -1,0 +1,129 @@
+// Package inspect shows an administrator what the kubelet plugin sees on a
+// node and what it would publish: the decision on every PCI function, or
+// the ResourceSlices themselves.
+package inspect
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"sigs.k8s.io/yaml"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
+)
+
+// Output formats.
+const (
+	FormatTable = "table"
+	FormatJSON  = "json"
+	FormatYAML  = "yaml"
+)
+
+// Options selects what to inspect and how to print it.
+type Options struct {
+	SysfsRoot  string
+	NodeName   string
+	DriverName string
+	// ConfigFile is a DriverConfiguration file; "" means none.
+	ConfigFile string
+	Output     string
+}
+
+// Run scans the sysfs tree and prints the result to out. Functions that
+// cannot be read are reported to errOut and left out, as the plugin does.
+func Run(out, errOut io.Writer, o Options) error {
+	if o.NodeName == "" {
+		return fmt.Errorf("a node name is required")
+	}
+	switch o.Output {
+	case FormatTable, FormatJSON, FormatYAML:
+	default:
+		return fmt.Errorf("unknown output format %q: want %s, %s or %s", o.Output, FormatTable, FormatJSON, FormatYAML)
+	}
+	var cfg *v1alpha1.DriverConfiguration
+	if o.ConfigFile != "" {
+		var err error
+		if cfg, err = v1alpha1.LoadDriverConfiguration(o.ConfigFile); err != nil {
+			return err
+		}
+	}
+	fs, err := pci.NewFS(o.SysfsRoot)
+	if err != nil {
+		return err
+	}
+	inv, err := inventory.Scan(fs, cfg)
+	if err != nil {
+		return err
+	}
+	for _, p := range inv.Problems {
+		fmt.Fprintf(errOut, "warning: skipped: %v\n", p)
+	}
+	if o.Output == FormatTable {
+		return printTable(out, inv)
+	}
+	list, err := SliceList(o.DriverName, o.NodeName, inv)
+	if err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		return err
+	}
+	if o.Output == FormatYAML {
+		if data, err = yaml.JSONToYAML(data); err != nil {
+			return err
+		}
+	} else {
+		data = append(data, '\n')
+	}
+	_, err = out.Write(data)
+	return err
+}
+
+// SliceList wraps the ResourceSlices the plugin would publish in a v1 List.
+func SliceList(driverName, nodeName string, inv *inventory.Inventory) (*corev1.List, error) {
+	list := &corev1.List{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "List"}}
+	for _, s := range resources.Slices(driverName, nodeName, resources.Build(nodeName, inv)) {
+		raw, err := json.Marshal(s)
+		if err != nil {
+			return nil, fmt.Errorf("encode ResourceSlice %s: %w", s.GenerateName, err)
+		}
+		list.Items = append(list.Items, runtime.RawExtension{Raw: raw})
+	}
+	return list, nil
+}
+
+func printTable(out io.Writer, inv *inventory.Inventory) error {
+	w := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(w, "PCI ADDRESS\tVENDOR:DEVICE\tCLASS\tIOMMU GROUP\tDRIVER\tNUMA\tDEVICE\tDECISION")
+	for _, d := range inv.Decisions {
+		p := d.Device
+		group := "-"
+		if p.IOMMUGroup != nil {
+			group = fmt.Sprintf("%d (%d)", *p.IOMMUGroup, len(d.GroupMembers))
+		}
+		driver := p.Driver
+		if driver == "" {
+			driver = "-"
+		}
+		numa := "-"
+		if p.NUMANode >= 0 {
+			numa = fmt.Sprint(p.NUMANode)
+		}
+		name, decision := "-", "not offered: "+d.Reason
+		if d.Offered {
+			name, decision = p.Address.DeviceName(), "offered"
+		}
+		fmt.Fprintf(w, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\n",
+			p.Address, p.VendorID, p.DeviceID, p.Class, group, driver, numa, name, decision)
+	}
+	return w.Flush()
+}

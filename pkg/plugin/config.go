@@ -1,0 +1,71 @@
+// Package plugin is the kubelet plugin of the vfio.dra.dev driver: it
+// publishes the node's PCI functions as ResourceSlices and prepares and
+// unprepares claims for the kubelet through the kubeletplugin helper.
+package plugin
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+)
+
+// DefaultDriverName is the DRA driver name unless a flag changes it.
+const DefaultDriverName = "vfio.dra.dev"
+
+// Config is everything the plugin needs from its command line.
+type Config struct {
+	DriverName string
+	NodeName   string
+	KubeClient kubernetes.Interface
+
+	// SysfsRoot is where the plugin sees the host's /sys.
+	SysfsRoot string
+	// DevRoot is where the plugin sees the host's /dev; it waits for
+	// <DevRoot>/vfio/<group> there.
+	DevRoot string
+	// HostDevRoot is the host's /dev as written into CDI specs: the runtime
+	// reads those paths on the host.
+	HostDevRoot string
+	// CDIRoot is the directory for CDI spec files.
+	CDIRoot string
+	// PluginDataDir holds dra.sock and the checkpoint.
+	PluginDataDir string
+	// RegistrarDir is the kubelet's plugin registration directory.
+	RegistrarDir string
+
+	// DriverConfig filters the offered devices; nil offers every function the
+	// built-in rules allow.
+	DriverConfig *v1alpha1.DriverConfiguration
+
+	// RescanInterval is how often sysfs is read again; the slices are only
+	// published again when the result changed.
+	RescanInterval time.Duration
+}
+
+// Validate reports every missing or malformed setting at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if msgs := validation.IsDNS1123Subdomain(c.DriverName); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("driver name %q: %v", c.DriverName, msgs))
+	}
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("node name is required"))
+	}
+	for name, v := range map[string]string{
+		"sysfs root": c.SysfsRoot, "dev root": c.DevRoot, "host dev root": c.HostDevRoot,
+		"CDI root": c.CDIRoot, "plugin data directory": c.PluginDataDir, "registrar directory": c.RegistrarDir,
+	} {
+		if v == "" {
+			errs = append(errs, fmt.Errorf("%s is required", name))
+		}
+	}
+	if c.RescanInterval <= 0 {
+		errs = append(errs, fmt.Errorf("rescan interval %v must be positive", c.RescanInterval))
+	}
+	return errors.Join(errs...)
+}
