@@ -7,7 +7,6 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation/field"
-	"sigs.k8s.io/yaml"
 )
 
 // DriverConfigurationKind is the kind of the node configuration file.
@@ -123,7 +122,7 @@ func LoadDriverConfiguration(path string) (*DriverConfiguration, error) {
 // from source (a file name, used in errors).
 func DecodeDriverConfiguration(source string, data []byte) (*DriverConfiguration, error) {
 	var c DriverConfiguration
-	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+	if err := decodeStrict(data, &c); err != nil {
 		return nil, fmt.Errorf("driver configuration %s: %w", source, err)
 	}
 	if errs := c.Validate(); len(errs) > 0 {

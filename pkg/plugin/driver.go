@@ -24,15 +24,12 @@ import (
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
-	cancel context.CancelCauseFunc
-
-	// publisher is the kubeletplugin helper once started.
-	publisher interface {
-		PublishResources(context.Context, resourceslice.DriverResources) error
-	}
+	helper *kubeletplugin.Helper
+	// fatal receives the first background error that ends the plugin.
+	fatal chan error
 
 	mu sync.Mutex
-	// published is what was last handed to the publisher.
+	// published is what was last handed to the helper.
 	published *resourceslice.DriverResources
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
@@ -41,25 +38,21 @@ type Driver struct {
 
 var _ kubeletplugin.DRAPlugin = &Driver{}
 
-// Run starts the plugin and blocks until ctx is done or a fatal error
-// happens in the background.
-func Run(ctx context.Context, cfg Config) error {
+// Start starts the kubeletplugin helper (registration, DRA and health
+// gRPC services) and publishes the node's devices once.
+func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("invalid configuration: %w", err)
+		return nil, fmt.Errorf("invalid configuration: %w", err)
 	}
-	logger := klog.FromContext(ctx)
 	fs, err := pci.NewFS(cfg.SysfsRoot)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := os.MkdirAll(cfg.PluginDataDir, 0o750); err != nil {
-		return fmt.Errorf("plugin data directory: %w", err)
+		return nil, fmt.Errorf("plugin data directory: %w", err)
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	d := &Driver{cfg: cfg, fs: fs, cancel: cancel, logged: map[pci.Address]bool{}}
-
-	helper, err := kubeletplugin.Start(ctx, d,
+	d := &Driver{cfg: cfg, fs: fs, fatal: make(chan error, 1), logged: map[pci.Address]bool{}}
+	d.helper, err = kubeletplugin.Start(ctx, d,
 		kubeletplugin.DriverName(cfg.DriverName),
 		kubeletplugin.KubeClient(cfg.KubeClient),
 		kubeletplugin.NodeName(cfg.NodeName),
@@ -67,25 +60,45 @@ func Run(ctx context.Context, cfg Config) error {
 		kubeletplugin.PluginDataDirectoryPath(cfg.PluginDataDir),
 	)
 	if err != nil {
-		return fmt.Errorf("start kubelet plugin: %w", err)
+		return nil, fmt.Errorf("start kubelet plugin: %w", err)
 	}
-	defer helper.Stop()
-	d.publisher = helper
-
 	if _, err := d.Resync(ctx); err != nil {
+		d.Stop()
+		return nil, err
+	}
+	return d, nil
+}
+
+// Stop shuts the gRPC services down. Published slices stay: the plugin
+// comes back with the same devices after a restart.
+func (d *Driver) Stop() { d.helper.Stop() }
+
+// Run starts the plugin and blocks until ctx is done or a fatal error
+// happens in the background.
+func Run(ctx context.Context, cfg Config) error {
+	logger := klog.FromContext(ctx)
+	d, err := Start(ctx, cfg)
+	if err != nil {
 		return err
 	}
+	defer d.Stop()
 	logger.Info("Kubelet plugin started", "driver", cfg.DriverName, "node", cfg.NodeName)
 
-	ticker := time.NewTicker(cfg.RescanInterval)
+	return d.Wait(ctx)
+}
+
+// Wait rescans periodically until ctx is done (nil) or a fatal background
+// error happens (that error).
+func (d *Driver) Wait(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
+	ticker := time.NewTicker(d.cfg.RescanInterval)
 	defer ticker.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			if err := context.Cause(ctx); !errors.Is(err, context.Canceled) {
-				return err
-			}
 			return nil
+		case err := <-d.fatal:
+			return err
 		case <-ticker.C:
 			if _, err := d.Resync(ctx); err != nil {
 				// The next scan may succeed; keep publishing what we had.
@@ -118,7 +131,7 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
 		return false, nil
 	}
-	if err := d.publisher.PublishResources(ctx, res); err != nil {
+	if err := d.helper.PublishResources(ctx, res); err != nil {
 		return false, fmt.Errorf("publish ResourceSlices: %w", err)
 	}
 	d.published = &res
@@ -153,7 +166,10 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 		logger.Error(err, msg)
 		return
 	}
-	d.cancel(fmt.Errorf("%s: %w", msg, err))
+	select {
+	case d.fatal <- fmt.Errorf("%s: %w", msg, err):
+	default: // The first fatal error is enough.
+	}
 }
 
 // WatchHealthStatus reports that per-device health is not supported yet, so

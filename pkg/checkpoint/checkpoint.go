@@ -1,0 +1,121 @@
+// Package checkpoint keeps the driver's record of prepared ResourceClaims in
+// one versioned, checksummed file that is replaced atomically on every change.
+//
+// The file is an envelope around the checkpoint data:
+//
+//	{
+//	  "apiVersion": "checkpoint.vfio.dra.dev/v1",
+//	  "kind": "Checkpoint",
+//	  "checksum": "<sha256 hex of the exact bytes of data>",
+//	  "data": {...}
+//	}
+//
+// The checksum covers the bytes of "data" as they appear in the file, not a
+// re-encoding of Go values, so adding a field later never invalidates files
+// that were written before.
+package checkpoint
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+)
+
+// APIVersion and Kind identify the on-disk format this package reads and
+// writes.
+const (
+	APIVersion = "checkpoint.vfio.dra.dev/v1"
+	Kind       = "Checkpoint"
+)
+
+// ClaimState is the phase of a claim's preparation.
+type ClaimState string
+
+const (
+	// PrepareStarted is recorded before the first side effect of a prepare:
+	// the claim may have moved some devices and must be rolled back.
+	PrepareStarted ClaimState = "PrepareStarted"
+	// PrepareCompleted is recorded after every device of the claim was bound
+	// and its CDI spec written.
+	PrepareCompleted ClaimState = "PrepareCompleted"
+)
+
+// Checkpoint is everything the driver must remember across restarts.
+type Checkpoint struct {
+	// BootID is /proc/sys/kernel/random/boot_id at the time of writing.
+	// Driver bindings do not survive a reboot, so a different boot ID means
+	// the recorded claims no longer describe the host.
+	BootID string `json:"bootID"`
+	// Claims maps a ResourceClaim UID to its state.
+	Claims map[string]*Claim `json:"claims,omitempty"`
+}
+
+// Claim is the state of one ResourceClaim on this node.
+type Claim struct {
+	Namespace string     `json:"namespace"`
+	Name      string     `json:"name"`
+	State     ClaimState `json:"state"`
+	// Devices is what prepare returns, one per allocated device.
+	Devices []Device `json:"devices,omitempty"`
+	// Groups lists every IOMMU group the claim moved, with the original
+	// state of each member, so that unprepare can undo it.
+	Groups []Group `json:"groups,omitempty"`
+	// CDISpec is the name of the CDI spec file written for the claim.
+	CDISpec string `json:"cdiSpec,omitempty"`
+}
+
+// Device is one allocated device as returned to the kubelet.
+type Device struct {
+	Requests     []string `json:"requests"`
+	Pool         string   `json:"pool"`
+	Device       string   `json:"device"`
+	PCIAddress   string   `json:"pciAddress"`
+	IOMMUGroup   int      `json:"iommuGroup"`
+	CDIDeviceIDs []string `json:"cdiDeviceIDs"`
+}
+
+// Group is one IOMMU group whose members the driver bound to Target.
+type Group struct {
+	Number int `json:"number"`
+	// Target is the driver the members were bound to, e.g. "vfio-pci".
+	Target string `json:"target"`
+	// Restore says whether unprepare gives the members back to their
+	// original drivers.
+	Restore bool     `json:"restore"`
+	Members []Member `json:"members"`
+}
+
+// Member is the original state of one PCI function before the driver
+// touched it.
+type Member struct {
+	Address        string `json:"address"`
+	Driver         string `json:"driver,omitempty"`
+	DriverOverride string `json:"driverOverride,omitempty"`
+}
+
+// New returns an empty checkpoint whose Claims map is ready for use.
+func New() *Checkpoint {
+	return &Checkpoint{Claims: map[string]*Claim{}}
+}
+
+// Validate reports content that no correct writer produces: an empty claim
+// UID, a nil claim or a state this version does not know.
+func (c *Checkpoint) Validate() error {
+	var errs []string
+	for _, uid := range slices.Sorted(maps.Keys(c.Claims)) {
+		claim := c.Claims[uid]
+		switch {
+		case uid == "":
+			errs = append(errs, "claim with empty UID")
+		case claim == nil:
+			errs = append(errs, fmt.Sprintf("claim %s: no state", uid))
+		case claim.State != PrepareStarted && claim.State != PrepareCompleted:
+			errs = append(errs, fmt.Sprintf("claim %s: unknown state %q", uid, claim.State))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid checkpoint: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}

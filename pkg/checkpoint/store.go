@@ -1,0 +1,259 @@
+package checkpoint
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+)
+
+// ErrCorrupt marks a checkpoint file that cannot be trusted: truncated or
+// malformed JSON, a checksum mismatch, unknown fields or invalid content.
+var ErrCorrupt = errors.New("corrupt checkpoint")
+
+// ErrUnsupportedVersion marks a checkpoint file written in a format (apiVersion
+// and kind) that this version of the driver does not read.
+var ErrUnsupportedVersion = errors.New("unsupported checkpoint version")
+
+// bootIDFile is the kernel's random boot ID, relative to the proc root.
+const bootIDFile = "sys/kernel/random/boot_id"
+
+// Store keeps one checkpoint file. All mutations go through Update, which
+// serializes them with a mutex; use one Store per file in a process.
+type Store struct {
+	path string
+	mu   sync.Mutex
+}
+
+// NewStore returns a Store for the checkpoint file at path. Nothing is read or
+// created until Get or Update is called.
+func NewStore(path string) *Store {
+	return &Store{path: path}
+}
+
+// Path returns the checkpoint file the Store reads and writes.
+func (s *Store) Path() string { return s.path }
+
+// Get reads the file. A missing file is an empty checkpoint (Claims non-nil).
+// A file with a bad checksum, truncated JSON, an unknown apiVersion or kind,
+// or unknown fields is an error naming the file; nothing is silently dropped.
+//
+// Get does not wait for a running Update: files are replaced by rename, so it
+// sees either the old or the new content. Each call returns a fresh value.
+func (s *Store) Get() (*Checkpoint, error) {
+	return s.read()
+}
+
+// Update reads the checkpoint, calls mutate on it, and if mutate returns nil
+// writes the result atomically: a temp file in the same directory (mode 0600),
+// write, fsync, rename over the file, fsync the directory. If mutate returns an
+// error, Update returns it unchanged and writes nothing. Updates through the
+// same Store are serialized; mutate must not call the Store.
+func (s *Store) Update(mutate func(*Checkpoint) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+
+	cp, err := s.read()
+	if err != nil {
+		return err
+	}
+	if err := mutate(cp); err != nil {
+		return err
+	}
+	data, err := Encode(cp)
+	if err != nil {
+		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
+	}
+	if err := writeFileAtomic(s.path, data); err != nil {
+		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
+	}
+	return nil
+}
+
+func (s *Store) read() (*Checkpoint, error) {
+	data, err := os.ReadFile(s.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return New(), nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint: %w", err)
+	}
+	cp, err := Decode(data)
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint %s: %w", s.path, err)
+	}
+	return cp, nil
+}
+
+// envelope is the on-disk form. Data holds the exact bytes the checksum
+// covers.
+type envelope struct {
+	APIVersion string          `json:"apiVersion"`
+	Kind       string          `json:"kind"`
+	Checksum   string          `json:"checksum"`
+	Data       json.RawMessage `json:"data"`
+}
+
+// Encode returns the file content for cp: an indented envelope whose checksum
+// is the SHA-256 of the data bytes exactly as they appear in the result. A nil
+// Claims map is written as no claims. Content that Validate rejects is not
+// encoded.
+func Encode(cp *Checkpoint) ([]byte, error) {
+	if cp == nil {
+		return nil, errors.New("nil checkpoint")
+	}
+	if err := cp.Validate(); err != nil {
+		return nil, err
+	}
+	data, err := json.MarshalIndent(cp, "  ", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("encode checkpoint: %w", err)
+	}
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "{\n  \"apiVersion\": %s,\n  \"kind\": %s,\n  \"checksum\": %s,\n  \"data\": ",
+		jsonString(APIVersion), jsonString(Kind), jsonString(checksum(data)))
+	b.Write(data)
+	b.WriteString("\n}\n")
+	return b.Bytes(), nil
+}
+
+// Decode parses file content written by Encode. It checks, in this order, the
+// apiVersion and kind (ErrUnsupportedVersion), then the envelope, the checksum
+// over the raw data bytes and the data itself (ErrCorrupt); unknown fields
+// anywhere are an error.
+func Decode(content []byte) (*Checkpoint, error) {
+	// Read the type first, leniently, so that a file from another version is
+	// reported as such rather than as a field this version does not know.
+	var meta struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+	}
+	if err := json.Unmarshal(content, &meta); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if meta.APIVersion != APIVersion || meta.Kind != Kind {
+		return nil, fmt.Errorf("%w: apiVersion %q kind %q, want %q %q",
+			ErrUnsupportedVersion, meta.APIVersion, meta.Kind, APIVersion, Kind)
+	}
+
+	var env envelope
+	if err := decodeStrict(content, &env); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if len(env.Data) == 0 || string(env.Data) == "null" {
+		return nil, fmt.Errorf("%w: no data", ErrCorrupt)
+	}
+	if sum := checksum(env.Data); sum != env.Checksum {
+		return nil, fmt.Errorf("%w: checksum mismatch: file says %q, data hashes to %q",
+			ErrCorrupt, env.Checksum, sum)
+	}
+
+	cp := &Checkpoint{}
+	if err := decodeStrict(env.Data, cp); err != nil {
+		return nil, fmt.Errorf("%w: data: %w", ErrCorrupt, err)
+	}
+	if cp.Claims == nil {
+		cp.Claims = map[string]*Claim{}
+	}
+	if err := cp.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return cp, nil
+}
+
+// decodeStrict decodes exactly one JSON value, rejecting unknown fields and
+// anything after the value.
+func decodeStrict(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return errors.New("unexpected content after the JSON value")
+	}
+	return nil
+}
+
+// jsonString returns s as a JSON string literal.
+func jsonString(s string) []byte {
+	b, _ := json.Marshal(s) // a string always encodes
+	return b
+}
+
+func checksum(data []byte) string {
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:])
+}
+
+// writeFileAtomic replaces path with data so that a crash leaves either the
+// old or the new content: temp file in the same directory, fsync, rename,
+// fsync of the directory. The temp file is removed on failure.
+func writeFileAtomic(path string, data []byte) (err error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	// CreateTemp opens the file with mode 0600.
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	if err := d.Sync(); err != nil {
+		_ = d.Close()
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return d.Close()
+}
+
+// ReadBootID returns the kernel's boot ID from
+// <procRoot>/sys/kernel/random/boot_id, trimmed. procRoot is "/proc" on a
+// host.
+func ReadBootID(procRoot string) (string, error) {
+	path := filepath.Join(procRoot, bootIDFile)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("read boot ID: %w", err)
+	}
+	id := strings.TrimSpace(string(data))
+	if id == "" {
+		return "", fmt.Errorf("read boot ID: %s is empty", path)
+	}
+	return id, nil
+}

@@ -1,0 +1,177 @@
+package inventory_test
+
+import (
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+)
+
+func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inventory {
+	t.Helper()
+	root := t.TempDir()
+	if _, err := pcitest.NewServer(root); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv, err := inventory.Scan(fs, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(inv.Problems) > 0 {
+		t.Fatalf("problems: %v", inv.Problems)
+	}
+	return inv
+}
+
+func offered(inv *inventory.Inventory) []string {
+	var out []string
+	for _, d := range inv.Offered() {
+		out = append(out, d.Device.Address.String())
+	}
+	sort.Strings(out)
+	return out
+}
+
+func reasons(inv *inventory.Inventory) map[string]string {
+	out := map[string]string{}
+	for _, d := range inv.Decisions {
+		out[d.Device.Address.String()] = d.Reason
+	}
+	return out
+}
+
+func TestDecide(t *testing.T) {
+	gpuGroup := []string{"0000:01:00.0", "0000:01:00.1"}
+	bridgeGroup := []string{"0000:02:01.0", "0000:02:02.0"}
+	chipset := []string{"0000:00:1f.2", "0000:00:1f.4"}
+	nic := []string{"0000:03:00.0", "0000:03:00.1"}
+	singles := []string{"0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:83:00.0", "0000:84:00.0"}
+	join := func(parts ...[]string) []string {
+		var out []string
+		for _, p := range parts {
+			out = append(out, p...)
+		}
+		sort.Strings(out)
+		return out
+	}
+	tests := map[string]struct {
+		cfg         *v1alpha1.DriverConfiguration
+		wantOffered []string
+		wantReasons map[string]string // substrings
+	}{
+		"built-in rules only": {
+			wantOffered: join(gpuGroup, bridgeGroup, chipset, nic, singles),
+			wantReasons: map[string]string{
+				"0000:00:00.0": "bridge",
+				"0000:00:1e.0": "bridge",
+				"0000:00:1f.0": "bridge",
+				"0000:00:02.0": "boot VGA",
+				"0000:00:14.0": "no IOMMU group",
+				"0000:81:00.0": "2 VFs enabled",
+			},
+		},
+		"deny storage takes the whole chipset group": {
+			cfg:         &v1alpha1.DriverConfiguration{Deny: []v1alpha1.DeviceSelector{{Class: "01"}}},
+			wantOffered: join(gpuGroup, bridgeGroup, nic, []string{"0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:84:00.0"}),
+			wantReasons: map[string]string{
+				"0000:00:1f.2": "denied by configuration (deny[0])",
+				"0000:00:1f.4": "IOMMU group 4: member 0000:00:1f.2 is not offered",
+				"0000:83:00.0": "denied by configuration",
+			},
+		},
+		"deny the audio function takes the GPU too": {
+			cfg:         &v1alpha1.DriverConfiguration{Deny: []v1alpha1.DeviceSelector{{PCIAddress: "0000:01:00.1"}}},
+			wantOffered: join(bridgeGroup, chipset, nic, singles),
+			wantReasons: map[string]string{"0000:01:00.0": "member 0000:01:00.1 is not offered"},
+		},
+		"allow by vendor and device (the seed's 19ee_4000)": {
+			cfg:         &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{{VendorID: "19ee", DeviceID: "4000"}}},
+			wantOffered: []string{"0000:82:00.0"},
+			wantReasons: map[string]string{"0000:83:00.0": "not allowed by configuration"},
+		},
+		"allow NVIDIA alone leaves the audio function out, so the GPU too": {
+			cfg:         &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{{VendorID: "10de", Class: "03"}}},
+			wantOffered: nil,
+			wantReasons: map[string]string{"0000:01:00.0": "member 0000:01:00.1 is not offered (not allowed by configuration)"},
+		},
+		"allow by driver, deny wins": {
+			cfg: &v1alpha1.DriverConfiguration{
+				Allow: []v1alpha1.DeviceSelector{{Driver: "i40e"}, {Driver: "mlx5_core"}},
+				Deny:  []v1alpha1.DeviceSelector{{PCIAddress: "0000:81:00.2"}},
+			},
+			wantOffered: nic,
+			wantReasons: map[string]string{"0000:81:00.2": "denied", "0000:81:00.0": "VFs enabled"},
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			inv := scanServer(t, tc.cfg)
+			if len(inv.Decisions) != len(pcitest.Server()) {
+				t.Errorf("got %d decisions, want one per function (%d)", len(inv.Decisions), len(pcitest.Server()))
+			}
+			if diff := cmp.Diff(tc.wantOffered, offered(inv)); diff != "" {
+				t.Errorf("offered (-want +got):\n%s", diff)
+			}
+			got := reasons(inv)
+			for addr, want := range tc.wantReasons {
+				if !strings.Contains(got[addr], want) {
+					t.Errorf("reason for %s = %q, want it to contain %q", addr, got[addr], want)
+				}
+			}
+			for _, d := range inv.Decisions {
+				if d.Offered != (d.Reason == "") {
+					t.Errorf("%s: Offered=%v but Reason=%q", d.Device.Address, d.Offered, d.Reason)
+				}
+			}
+		})
+	}
+}
+
+// TestDecideUnreadableGroupMember: a member that could not be read may be
+// anything, so its group is not offered.
+func TestDecideUnreadableGroupMember(t *testing.T) {
+	a, _ := pci.ParseAddress("0000:01:00.0")
+	b, _ := pci.ParseAddress("0000:01:00.1")
+	group := 7
+	devices := []*pci.Device{{Address: a, Class: 0x020000, IOMMUGroup: &group, NUMANode: -1}}
+	inv := inventory.Decide(devices, map[int][]pci.Address{7: {a, b}}, nil)
+	if inv.Decisions[0].Offered || !strings.Contains(inv.Decisions[0].Reason, "0000:01:00.1 could not be read") {
+		t.Errorf("decision = %+v, want not offered because the member could not be read", inv.Decisions[0])
+	}
+	inv = inventory.Decide(devices, map[int][]pci.Address{}, nil)
+	if inv.Decisions[0].Offered {
+		t.Error("offered a device whose group could not be listed")
+	}
+}
+
+func TestMatches(t *testing.T) {
+	a, _ := pci.ParseAddress("0000:3b:00.1")
+	d := &pci.Device{Address: a, VendorID: 0x15b3, DeviceID: 0x1018, Class: 0x020000, Driver: "mlx5_core"}
+	tests := []struct {
+		sel  v1alpha1.DeviceSelector
+		want bool
+	}{
+		{v1alpha1.DeviceSelector{VendorID: "15b3"}, true},
+		{v1alpha1.DeviceSelector{VendorID: "15b3", DeviceID: "1017"}, false},
+		{v1alpha1.DeviceSelector{Class: "02"}, true},
+		{v1alpha1.DeviceSelector{Class: "0200"}, true},
+		{v1alpha1.DeviceSelector{Class: "020001"}, false},
+		{v1alpha1.DeviceSelector{PCIAddress: "0000:3b:00.1", Driver: "mlx5_core"}, true},
+		{v1alpha1.DeviceSelector{Driver: "vfio-pci"}, false},
+	}
+	for _, tc := range tests {
+		if got := inventory.Matches(tc.sel, d); got != tc.want {
+			t.Errorf("Matches(%+v) = %v, want %v", tc.sel, got, tc.want)
+		}
+	}
+}

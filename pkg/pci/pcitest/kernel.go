@@ -1,0 +1,532 @@
+package pcitest
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+)
+
+// Character device numbers the emulator gives its nodes. /dev/vfio/vfio is
+// the misc device 10:196 on every kernel; group and iommufd device nodes get
+// dynamic majors on a real kernel, so any free number will do here.
+const (
+	vfioMiscMajor   = 10
+	vfioMiscMinor   = 196
+	vfioGroupMajor  = 246
+	vfioDeviceMajor = 237
+)
+
+// Operations, as FailNext names them.
+const (
+	OpDriverOverride = "driver_override"
+	OpUnbind         = "unbind"
+	OpBind           = "bind"
+	OpProbe          = "probe"
+)
+
+// Kernel emulates what Linux does when user space writes the PCI driver
+// files of a sysfs tree laid out by Tree: driver_override, the drivers'
+// bind and unbind files and bus/pci/drivers_probe. Binding moves the driver
+// links; binding to a VFIO driver ("vfio-pci" or "*_vfio_pci") creates
+// <devRoot>/vfio/<group> while a member of the group is bound to VFIO, and
+// an iommufd node <devRoot>/vfio/devices/vfioN with its sysfs directory
+// <device>/vfio-dev/vfioN.
+//
+// WriteFile applies a write synchronously (use the Kernel as the Binder's
+// Writer); Watch applies writes that other processes make to the files.
+type Kernel struct {
+	tree     *Tree
+	fs       *pci.FS
+	root     string // sysfs root with symlinks resolved
+	devRoot  string
+	ready    chan struct{}
+	onceMark sync.Once
+
+	mu     sync.Mutex
+	native map[string]string
+	fail   map[failKey]error
+	writes []string
+	errs   []error
+}
+
+type failKey struct{ op, addr string }
+
+// NewKernel returns a Kernel for the tree at sysfsRoot. Each function's
+// native driver, the one drivers_probe picks without an override, is its
+// current driver unless that is a VFIO driver (see SetNative). It creates
+// <devRoot>/vfio/vfio and the nodes of functions already bound to VFIO.
+// Device nodes are made with mknod, which needs CAP_MKNOD.
+func NewKernel(sysfsRoot, devRoot string) (*Kernel, error) {
+	root, err := filepath.EvalSymlinks(sysfsRoot)
+	if err != nil {
+		return nil, fmt.Errorf("sysfs root: %w", err)
+	}
+	pfs, err := pci.NewFS(root)
+	if err != nil {
+		return nil, err
+	}
+	k := &Kernel{
+		tree:    Open(root),
+		fs:      pfs,
+		root:    root,
+		devRoot: devRoot,
+		ready:   make(chan struct{}),
+		native:  map[string]string{},
+		fail:    map[failKey]error{},
+	}
+	if err := os.MkdirAll(filepath.Join(devRoot, "vfio"), 0o755); err != nil {
+		return nil, err
+	}
+	if err := mknodChar(filepath.Join(devRoot, "vfio", "vfio"), vfioMiscMajor, vfioMiscMinor, 0o666); err != nil {
+		return nil, err
+	}
+	devices, problems, err := pfs.Scan()
+	if err != nil {
+		return nil, err
+	}
+	if len(problems) > 0 {
+		return nil, errors.Join(problems...)
+	}
+	for _, d := range devices {
+		if !IsVFIODriver(d.Driver) {
+			k.native[d.Address.String()] = d.Driver
+			continue
+		}
+		if err := k.vfioAttached(d.Address); err != nil {
+			return nil, err
+		}
+	}
+	return k, nil
+}
+
+// IsVFIODriver reports whether name is vfio-pci or a vendor variant of it
+// such as mlx5_vfio_pci.
+func IsVFIODriver(name string) bool {
+	return name == "vfio-pci" || strings.HasSuffix(name, "_vfio_pci")
+}
+
+// SetNative sets the driver that drivers_probe binds addr to when it has no
+// override; "" makes no driver match it.
+func (k *Kernel) SetNative(addr, driver string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.native[addr] = driver
+}
+
+// FailNext makes the next op ("driver_override", "unbind", "bind" or
+// "probe") for addr fail with err and change nothing.
+func (k *Kernel) FailNext(op, addr string, err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.fail[failKey{op, addr}] = err
+}
+
+// Writes returns the log of writes, failed ones included, in order:
+// "driver_override ADDR VALUE" (VALUE "(null)" when cleared),
+// "unbind ADDR DRIVER", "bind ADDR DRIVER" and "probe ADDR".
+func (k *Kernel) Writes() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.writes)
+}
+
+// Errors returns the errors of the writes Watch applied: the ones the
+// kernel would have returned to the writing process.
+func (k *Kernel) Errors() []error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.errs)
+}
+
+// WriteFile applies a write to a driver file of the tree, as the kernel
+// does when a process writes it, and returns the error the write would
+// return. Paths through symlinks (bus/pci/devices/ADDR/driver/unbind) work.
+func (k *Kernel) WriteFile(path string, data []byte) error {
+	op, arg, err := k.classify(path)
+	if err == nil {
+		k.mu.Lock()
+		err = k.apply(op, arg, data)
+		k.mu.Unlock()
+	}
+	if err != nil {
+		return &fs.PathError{Op: "write", Path: path, Err: err}
+	}
+	return nil
+}
+
+// classify maps a path to an operation and its argument: the driver for
+// bind and unbind, the device for driver_override.
+func (k *Kernel) classify(path string) (op, arg string, err error) {
+	dir, err := filepath.EvalSymlinks(filepath.Dir(path))
+	if err != nil {
+		return "", "", err
+	}
+	rel, err := filepath.Rel(k.root, dir)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return "", "", fmt.Errorf("%s is not below the sysfs root %s: %w", path, k.root, syscall.EACCES)
+	}
+	rel = filepath.ToSlash(rel)
+	name := filepath.Base(path)
+	switch {
+	case rel == "bus/pci" && name == "drivers_probe":
+		return OpProbe, "", nil
+	case (name == OpBind || name == OpUnbind) && filepath.ToSlash(filepath.Dir(rel)) == pci.BusDriversDir:
+		return name, filepath.Base(rel), nil
+	case name == OpDriverOverride:
+		addr := filepath.Base(rel)
+		if devDir, err := filepath.EvalSymlinks(filepath.Join(k.root, pci.BusDevicesDir, addr)); err == nil && devDir == dir {
+			return OpDriverOverride, addr, nil
+		}
+	}
+	return "", "", fmt.Errorf("the emulator has no handler for %s: %w", rel+"/"+name, syscall.EACCES)
+}
+
+// apply runs one write; k.mu is held.
+func (k *Kernel) apply(op, arg string, data []byte) error {
+	switch op {
+	case OpDriverOverride:
+		value := overrideValue(data)
+		k.logf("driver_override %s %s", arg, showOverride(value))
+		if err := k.takeFailure(op, arg); err != nil {
+			return err
+		}
+		if _, err := k.lookup(arg); err != nil {
+			return err
+		}
+		return k.writeOverride(arg, value)
+	case OpUnbind:
+		addr := busName(data)
+		k.logf("unbind %s %s", addr, arg)
+		if err := k.takeFailure(op, addr); err != nil {
+			return err
+		}
+		a, err := k.lookup(addr)
+		if err != nil {
+			return err
+		}
+		cur, err := k.fs.CurrentDriver(a)
+		if err != nil {
+			return err
+		}
+		if cur != arg {
+			return syscall.ENODEV
+		}
+		return k.detach(a, cur)
+	case OpBind:
+		addr := busName(data)
+		k.logf("bind %s %s", addr, arg)
+		if err := k.takeFailure(op, addr); err != nil {
+			return err
+		}
+		a, err := k.lookup(addr)
+		if err != nil {
+			return err
+		}
+		ok, err := k.matches(a, arg)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return syscall.ENODEV
+		}
+		cur, err := k.fs.CurrentDriver(a)
+		if err != nil {
+			return err
+		}
+		if cur != "" {
+			return syscall.EBUSY
+		}
+		return k.attach(a, arg)
+	case OpProbe:
+		addr := busName(data)
+		k.logf("probe %s", addr)
+		if err := k.takeFailure(op, addr); err != nil {
+			return err
+		}
+		a, err := k.lookup(addr)
+		if err != nil {
+			return err
+		}
+		return k.probe(a)
+	}
+	return fmt.Errorf("unknown operation %q: %w", op, syscall.EINVAL)
+}
+
+// probe binds an unbound device to the first matching loaded driver: the
+// override when one is set (and no other driver then), else the native
+// driver. No match leaves the device unbound and is no error, and neither
+// is a failing probe (vfio-pci without an IOMMU group).
+func (k *Kernel) probe(a pci.Address) error {
+	cur, err := k.fs.CurrentDriver(a)
+	if err != nil || cur != "" {
+		return err
+	}
+	override, err := k.override(a)
+	if err != nil {
+		return err
+	}
+	driver := override
+	if driver == "" {
+		driver = k.native[a.String()]
+	}
+	if driver == "" || !k.fs.DriverLoaded(driver) {
+		return nil
+	}
+	if err := k.attach(a, driver); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return err
+	}
+	return nil
+}
+
+// matches is the PCI core's match: an override matches only the driver it
+// names; without one, the native driver matches.
+func (k *Kernel) matches(a pci.Address, driver string) (bool, error) {
+	override, err := k.override(a)
+	if err != nil {
+		return false, err
+	}
+	if override != "" {
+		return override == driver, nil
+	}
+	return driver == k.native[a.String()], nil
+}
+
+// attach binds addr to driver. vfio-pci refuses a device without an IOMMU
+// group (EINVAL, the device stays unbound).
+func (k *Kernel) attach(a pci.Address, driver string) error {
+	if IsVFIODriver(driver) {
+		d, err := k.fs.Device(a)
+		if err != nil {
+			return err
+		}
+		if d.IOMMUGroup == nil {
+			return syscall.EINVAL
+		}
+	}
+	// The driver's probe runs before the driver core links the device, so
+	// VFIO nodes exist by the time the driver link appears.
+	if IsVFIODriver(driver) {
+		if err := k.vfioAttached(a); err != nil {
+			return err
+		}
+	}
+	if err := k.tree.Bind(a.String(), driver); err != nil {
+		if IsVFIODriver(driver) {
+			return errors.Join(err, k.vfioDetached(a))
+		}
+		return err
+	}
+	return nil
+}
+
+// detach unbinds addr. The driver core removes the links before it calls
+// the driver's remove, so VFIO nodes go after the driver link.
+func (k *Kernel) detach(a pci.Address, driver string) error {
+	if err := k.tree.Unbind(a.String()); err != nil {
+		return err
+	}
+	if IsVFIODriver(driver) {
+		return k.vfioDetached(a)
+	}
+	return nil
+}
+
+// vfioAttached creates the group node (if this is the first VFIO member)
+// and the iommufd device of a device just bound to VFIO.
+func (k *Kernel) vfioAttached(a pci.Address) error {
+	d, err := k.fs.Device(a)
+	if err != nil {
+		return err
+	}
+	if d.IOMMUGroup != nil {
+		if err := mknodChar(k.groupNode(*d.IOMMUGroup), vfioGroupMajor, uint32(*d.IOMMUGroup), 0o600); err != nil {
+			return err
+		}
+	}
+	if existing, err := os.ReadDir(k.fs.Path(d.Path, "vfio-dev")); err == nil && len(existing) > 0 {
+		return nil
+	}
+	n, err := k.freeCDev()
+	if err != nil {
+		return err
+	}
+	name := "vfio" + strconv.Itoa(n)
+	dir := k.fs.Path(d.Path, "vfio-dev", name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	files := map[string]string{
+		"dev":    fmt.Sprintf("%d:%d\n", vfioDeviceMajor, n),
+		"uevent": fmt.Sprintf("MAJOR=%d\nMINOR=%d\nDEVNAME=vfio/devices/%s\n", vfioDeviceMajor, n, name),
+	}
+	for f, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte(content), 0o644); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(k.devRoot, "vfio", "devices"), 0o755); err != nil {
+		return err
+	}
+	return mknodChar(filepath.Join(k.devRoot, "vfio", "devices", name), vfioDeviceMajor, uint32(n), 0o600)
+}
+
+// vfioDetached removes the iommufd device of addr, and the group node when
+// no member of the group is bound to VFIO any more.
+func (k *Kernel) vfioDetached(a pci.Address) error {
+	d, err := k.fs.Device(a)
+	if err != nil {
+		return err
+	}
+	vfioDev := k.fs.Path(d.Path, "vfio-dev")
+	entries, err := os.ReadDir(vfioDev)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for _, e := range entries {
+		if err := removeIfExists(filepath.Join(k.devRoot, "vfio", "devices", e.Name())); err != nil {
+			return err
+		}
+	}
+	if err := os.RemoveAll(vfioDev); err != nil {
+		return err
+	}
+	if d.IOMMUGroup == nil {
+		return nil
+	}
+	members, err := k.fs.IOMMUGroupMembers(*d.IOMMUGroup)
+	if err != nil {
+		return err
+	}
+	for _, m := range members {
+		drv, err := k.fs.CurrentDriver(m)
+		if err != nil {
+			return err
+		}
+		if IsVFIODriver(drv) {
+			return nil
+		}
+	}
+	return removeIfExists(k.groupNode(*d.IOMMUGroup))
+}
+
+func (k *Kernel) groupNode(group int) string {
+	return filepath.Join(k.devRoot, "vfio", strconv.Itoa(group))
+}
+
+// freeCDev returns the lowest iommufd device number not in use.
+func (k *Kernel) freeCDev() (int, error) {
+	entries, err := os.ReadDir(filepath.Join(k.devRoot, "vfio", "devices"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return 0, err
+	}
+	used := map[int]bool{}
+	for _, e := range entries {
+		if n, err := strconv.Atoi(strings.TrimPrefix(e.Name(), "vfio")); err == nil {
+			used[n] = true
+		}
+	}
+	n := 0
+	for used[n] {
+		n++
+	}
+	return n, nil
+}
+
+// lookup returns the address of an existing device; the kernel answers
+// ENODEV for a name that is no device on the bus.
+func (k *Kernel) lookup(name string) (pci.Address, error) {
+	a, err := pci.ParseAddress(name)
+	if err != nil {
+		return pci.Address{}, syscall.ENODEV
+	}
+	if _, err := os.Stat(k.fs.DevicePath(a)); err != nil {
+		return pci.Address{}, syscall.ENODEV
+	}
+	return a, nil
+}
+
+func (k *Kernel) override(a pci.Address) (string, error) {
+	return pci.ReadDriverOverride(k.fs.DevicePath(a, "driver_override"))
+}
+
+// writeOverride stores the override as the kernel shows it. It replaces the
+// file by a rename, so that Watch sees no write event of its own.
+func (k *Kernel) writeOverride(addr, value string) error {
+	file := k.fs.Path(pci.BusDevicesDir, addr, "driver_override")
+	dir, err := filepath.EvalSymlinks(filepath.Dir(file))
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, ".driver_override.new")
+	if err := os.WriteFile(tmp, []byte(showOverride(value)+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, "driver_override"))
+}
+
+func (k *Kernel) takeFailure(op, addr string) error {
+	key := failKey{op, addr}
+	err, ok := k.fail[key]
+	if ok {
+		delete(k.fail, key)
+	}
+	return err
+}
+
+func (k *Kernel) logf(format string, args ...any) {
+	k.writes = append(k.writes, fmt.Sprintf(format, args...))
+}
+
+// overrideValue is what driver_override keeps of a write: the text up to the
+// first NUL or newline; empty clears it.
+func overrideValue(data []byte) string {
+	s := string(data)
+	if i := strings.IndexByte(s, 0); i >= 0 {
+		s = s[:i]
+	}
+	s, _, _ = strings.Cut(s, "\n")
+	return s
+}
+
+func showOverride(value string) string {
+	if value == "" {
+		return "(null)"
+	}
+	return value
+}
+
+// busName is the device name written to bind, unbind or drivers_probe; the
+// kernel compares it with sysfs_streq, which ignores one trailing newline.
+func busName(data []byte) string {
+	return strings.TrimSuffix(string(data), "\n")
+}
+
+// mknodChar creates a character device node unless the path exists.
+func mknodChar(path string, major, minor, perm uint32) error {
+	if _, err := os.Lstat(path); err == nil {
+		return nil
+	}
+	if err := unix.Mknod(path, unix.S_IFCHR|perm, int(unix.Mkdev(major, minor))); err != nil {
+		return &fs.PathError{Op: "mknod", Path: path, Err: err}
+	}
+	// mknod applies the umask.
+	return os.Chmod(path, fs.FileMode(perm))
+}
+
+func removeIfExists(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,965 @@
+package vfio_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
+)
+
+// The test machine; groups by number:
+//
+//	0  0000:00:00.0 host bridge, no driver
+//	1  0000:00:01.0 PCIe root port (pcieport)
+//	2  0000:01:00.0 GPU 10de:2204 (nvidia) + 0000:01:00.1 HDMI audio (snd_hda_intel)
+//	3  0000:00:1c.0 PCIe root port (pcieport)
+//	4  0000:02:00.0 NIC alone (e1000e)
+//	5  0000:00:1e.0 conventional PCI bridge, no driver, + 0000:03:01.0 and 0000:03:02.0 (e1000)
+//	6  0000:00:02.0 NIC without a driver
+//	7  0000:00:03.0 NIC already on vfio-pci
+//	8  0000:00:04.0 on vfio-pci + 0000:00:04.1 on e1000e
+const (
+	hostBridge = "0000:00:00.0"
+	gpu        = "0000:01:00.0"
+	gpuAudio   = "0000:01:00.1"
+	nic        = "0000:02:00.0"
+	pciBridge  = "0000:00:1e.0"
+	oldNIC1    = "0000:03:01.0"
+	oldNIC2    = "0000:03:02.0"
+	bareNIC    = "0000:00:02.0"
+	vfioNIC    = "0000:00:03.0"
+	mixedVFIO  = "0000:00:04.0"
+	mixedHost  = "0000:00:04.1"
+)
+
+type machine struct {
+	tree   *pcitest.Tree
+	fs     *pci.FS
+	dev    string
+	kernel *pcitest.Kernel
+}
+
+func newMachine(t *testing.T) *machine {
+	t.Helper()
+	dir := t.TempDir()
+	tree, err := pcitest.New(filepath.Join(dir, "sys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const (
+		intel  = 0x8086
+		nvidia = 0x10de
+		bridge = 0x060400
+		netCls = 0x020000
+	)
+	err = tree.Add(
+		pcitest.Function{Address: hostBridge, Vendor: intel, Device: 0x3e30, Class: 0x060000, IOMMUGroup: 0},
+		pcitest.Function{Address: "0000:00:01.0", Vendor: intel, Device: 0x1901, Class: bridge, Driver: "pcieport", IOMMUGroup: 1},
+		pcitest.Function{Address: gpu, Parent: "0000:00:01.0", Vendor: nvidia, Device: 0x2204, Class: 0x030000, Driver: "nvidia", IOMMUGroup: 2},
+		pcitest.Function{Address: gpuAudio, Parent: "0000:00:01.0", Vendor: nvidia, Device: 0x1aef, Class: 0x040300, Driver: "snd_hda_intel", IOMMUGroup: 2},
+		pcitest.Function{Address: "0000:00:1c.0", Vendor: intel, Device: 0xa33c, Class: bridge, Driver: "pcieport", IOMMUGroup: 3},
+		pcitest.Function{Address: nic, Parent: "0000:00:1c.0", Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "e1000e", IOMMUGroup: 4},
+		pcitest.Function{Address: pciBridge, Vendor: intel, Device: 0x244e, Class: 0x060401, IOMMUGroup: 5},
+		pcitest.Function{Address: oldNIC1, Parent: pciBridge, Vendor: intel, Device: 0x100e, Class: netCls, Driver: "e1000", IOMMUGroup: 5},
+		pcitest.Function{Address: oldNIC2, Parent: pciBridge, Vendor: intel, Device: 0x100e, Class: netCls, Driver: "e1000", IOMMUGroup: 5},
+		pcitest.Function{Address: bareNIC, Vendor: 0x1af4, Device: 0x1000, Class: netCls, IOMMUGroup: 6},
+		pcitest.Function{Address: vfioNIC, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "vfio-pci", IOMMUGroup: 7},
+		pcitest.Function{Address: mixedVFIO, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "vfio-pci", IOMMUGroup: 8},
+		pcitest.Function{Address: mixedHost, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "e1000e", IOMMUGroup: 8},
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.AddDriver("mlx5_vfio_pci"); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := filepath.Join(dir, "dev")
+	k, err := pcitest.NewKernel(tree.Root, dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.SetNative(vfioNIC, "e1000e")
+	k.SetNative(mixedVFIO, "e1000e")
+	return &machine{tree: tree, fs: fs, dev: dev, kernel: k}
+}
+
+func (m *machine) binder(w vfio.Writer, timeout time.Duration) *vfio.Binder {
+	if w == nil {
+		w = m.kernel
+	}
+	return vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: timeout, PollInterval: time.Millisecond})
+}
+
+// state returns driver and driver_override of each function, as Snapshot
+// does but read independently.
+func (m *machine) state(t *testing.T, addrs ...string) []vfio.Original {
+	t.Helper()
+	var out []vfio.Original
+	for _, s := range addrs {
+		a, err := pci.ParseAddress(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := m.fs.Device(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, vfio.Original{Address: s, Driver: d.Driver, DriverOverride: d.DriverOverride})
+	}
+	return out
+}
+
+func (m *machine) groupNode(group int) string {
+	return filepath.Join(m.dev, "vfio", strconv.Itoa(group))
+}
+
+func isCharDevice(t *testing.T, path string) bool {
+	t.Helper()
+	st, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&os.ModeCharDevice == 0 {
+		t.Fatalf("%s exists but is %v, not a character device", path, st.Mode())
+	}
+	return true
+}
+
+func addrs(t *testing.T, ss ...string) []pci.Address {
+	t.Helper()
+	var out []pci.Address
+	for _, s := range ss {
+		a, err := pci.ParseAddress(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func TestBindRestore(t *testing.T) {
+	tests := []struct {
+		name      string
+		group     int
+		target    string
+		endpoints []string
+		untouched []string // other group members that must not change
+		// nodeBefore: /dev/vfio/N exists before Bind (and after Restore).
+		nodeBefore   bool
+		bindWrites   []string
+		restoreState []vfio.Original
+		restoreWrite []string
+	}{
+		{
+			name:      "NIC alone in its group",
+			group:     4,
+			target:    "vfio-pci",
+			endpoints: []string{nic},
+			bindWrites: []string{
+				"driver_override 0000:02:00.0 vfio-pci",
+				"unbind 0000:02:00.0 e1000e",
+				"probe 0000:02:00.0",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:02:00.0 (null)",
+				"unbind 0000:02:00.0 vfio-pci",
+				"probe 0000:02:00.0",
+			},
+		},
+		{
+			name:      "vendor variant driver",
+			group:     4,
+			target:    "mlx5_vfio_pci",
+			endpoints: []string{nic},
+			bindWrites: []string{
+				"driver_override 0000:02:00.0 mlx5_vfio_pci",
+				"unbind 0000:02:00.0 e1000e",
+				"probe 0000:02:00.0",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:02:00.0 (null)",
+				"unbind 0000:02:00.0 mlx5_vfio_pci",
+				"probe 0000:02:00.0",
+			},
+		},
+		{
+			name:      "GPU and its HDMI audio",
+			group:     2,
+			target:    "vfio-pci",
+			endpoints: []string{gpu, gpuAudio},
+			untouched: []string{"0000:00:01.0"},
+			bindWrites: []string{
+				"driver_override 0000:01:00.0 vfio-pci",
+				"unbind 0000:01:00.0 nvidia",
+				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.1 vfio-pci",
+				"unbind 0000:01:00.1 snd_hda_intel",
+				"probe 0000:01:00.1",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:01:00.0 (null)",
+				"unbind 0000:01:00.0 vfio-pci",
+				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.1 (null)",
+				"unbind 0000:01:00.1 vfio-pci",
+				"probe 0000:01:00.1",
+			},
+		},
+		{
+			name:      "two endpoints behind a conventional PCI bridge",
+			group:     5,
+			target:    "vfio-pci",
+			endpoints: []string{oldNIC1, oldNIC2},
+			untouched: []string{pciBridge},
+			bindWrites: []string{
+				"driver_override 0000:03:01.0 vfio-pci",
+				"unbind 0000:03:01.0 e1000",
+				"probe 0000:03:01.0",
+				"driver_override 0000:03:02.0 vfio-pci",
+				"unbind 0000:03:02.0 e1000",
+				"probe 0000:03:02.0",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:03:01.0 (null)",
+				"unbind 0000:03:01.0 vfio-pci",
+				"probe 0000:03:01.0",
+				"driver_override 0000:03:02.0 (null)",
+				"unbind 0000:03:02.0 vfio-pci",
+				"probe 0000:03:02.0",
+			},
+		},
+		{
+			name:      "device without a driver stays without one",
+			group:     6,
+			target:    "vfio-pci",
+			endpoints: []string{bareNIC},
+			bindWrites: []string{
+				"driver_override 0000:00:02.0 vfio-pci",
+				"probe 0000:00:02.0",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:00:02.0 (null)",
+				"unbind 0000:00:02.0 vfio-pci",
+			},
+		},
+		{
+			name:       "device already on vfio-pci is not touched",
+			group:      7,
+			target:     "vfio-pci",
+			endpoints:  []string{vfioNIC},
+			nodeBefore: true,
+		},
+		{
+			name:       "group with one member on vfio-pci already",
+			group:      8,
+			target:     "vfio-pci",
+			endpoints:  []string{mixedVFIO, mixedHost},
+			nodeBefore: true,
+			bindWrites: []string{
+				"driver_override 0000:00:04.1 vfio-pci",
+				"unbind 0000:00:04.1 e1000e",
+				"probe 0000:00:04.1",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:00:04.1 (null)",
+				"unbind 0000:00:04.1 vfio-pci",
+				"probe 0000:00:04.1",
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newMachine(t)
+			b := m.binder(nil, 5*time.Second)
+			ctx := t.Context()
+
+			eps, err := vfio.GroupEndpoints(m.fs, tt.group)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(addrs(t, tt.endpoints...), eps); diff != "" {
+				t.Fatalf("GroupEndpoints (-want +got):\n%s", diff)
+			}
+			untouched := m.state(t, tt.untouched...)
+			originals, err := b.Snapshot(eps)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(m.state(t, tt.endpoints...), originals); diff != "" {
+				t.Fatalf("Snapshot (-want +got):\n%s", diff)
+			}
+			if got := isCharDevice(t, m.groupNode(tt.group)); got != tt.nodeBefore {
+				t.Fatalf("/dev/vfio/%d exists before Bind: %v, want %v", tt.group, got, tt.nodeBefore)
+			}
+
+			if err := b.Bind(ctx, tt.group, originals, tt.target); err != nil {
+				t.Fatalf("Bind: %v", err)
+			}
+			if diff := cmp.Diff(tt.bindWrites, m.kernel.Writes(), cmpopts.EquateEmpty()); diff != "" {
+				t.Errorf("Bind writes (-want +got):\n%s", diff)
+			}
+			for _, o := range originals {
+				st := m.state(t, o.Address)[0]
+				if st.Driver != tt.target {
+					t.Errorf("%s: driver %q after Bind, want %s", o.Address, st.Driver, tt.target)
+				}
+				a, _ := pci.ParseAddress(o.Address)
+				cdev, err := b.DeviceCDev(a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !strings.HasPrefix(cdev, "vfio") || !isCharDevice(t, filepath.Join(m.dev, "vfio", "devices", cdev)) {
+					t.Errorf("%s: iommufd device %q has no node", o.Address, cdev)
+				}
+			}
+			if !isCharDevice(t, m.groupNode(tt.group)) {
+				t.Errorf("/dev/vfio/%d missing after Bind", tt.group)
+			}
+			if diff := cmp.Diff(untouched, m.state(t, tt.untouched...)); diff != "" {
+				t.Errorf("other members changed (-before +after):\n%s", diff)
+			}
+
+			// Bind again: everything is on target, nothing is written.
+			n := len(m.kernel.Writes())
+			if err := b.Bind(ctx, tt.group, originals, tt.target); err != nil {
+				t.Fatalf("second Bind: %v", err)
+			}
+			if extra := m.kernel.Writes()[n:]; len(extra) > 0 {
+				t.Errorf("second Bind wrote %q", extra)
+			}
+
+			n = len(m.kernel.Writes())
+			if err := b.Restore(ctx, originals, tt.target); err != nil {
+				t.Fatalf("Restore: %v", err)
+			}
+			if diff := cmp.Diff(tt.restoreWrite, m.kernel.Writes()[n:], cmpopts.EquateEmpty()); diff != "" {
+				t.Errorf("Restore writes (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(originals, m.state(t, tt.endpoints...)); diff != "" {
+				t.Errorf("state after Restore (-original +now):\n%s", diff)
+			}
+			if got := isCharDevice(t, m.groupNode(tt.group)); got != tt.nodeBefore {
+				t.Errorf("/dev/vfio/%d exists after Restore: %v, want %v", tt.group, got, tt.nodeBefore)
+			}
+			if diff := cmp.Diff(untouched, m.state(t, tt.untouched...)); diff != "" {
+				t.Errorf("other members changed (-before +after):\n%s", diff)
+			}
+
+			// Restore again: already restored, nothing is written.
+			n = len(m.kernel.Writes())
+			if err := b.Restore(ctx, originals, tt.target); err != nil {
+				t.Fatalf("second Restore: %v", err)
+			}
+			if extra := m.kernel.Writes()[n:]; len(extra) > 0 {
+				t.Errorf("second Restore wrote %q", extra)
+			}
+		})
+	}
+}
+
+func TestBindFailureRollsBack(t *testing.T) {
+	tests := []struct {
+		name      string
+		op, addr  string
+		err       error
+		wantAddr  string
+		wantStep  string
+		wantWrite []string
+	}{
+		{
+			name: "unbind of the second member busy",
+			op:   "unbind", addr: gpuAudio, err: syscall.EBUSY,
+			wantAddr: gpuAudio, wantStep: vfio.StepUnbind,
+			wantWrite: []string{
+				"driver_override 0000:01:00.0 vfio-pci",
+				"unbind 0000:01:00.0 nvidia",
+				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.1 vfio-pci",
+				"unbind 0000:01:00.1 snd_hda_intel",
+				// rollback, last changed first
+				"driver_override 0000:01:00.1 (null)",
+				"driver_override 0000:01:00.0 (null)",
+				"unbind 0000:01:00.0 vfio-pci",
+				"probe 0000:01:00.0",
+			},
+		},
+		{
+			name: "driver_override of the first member refused",
+			op:   "driver_override", addr: gpu, err: syscall.EINVAL,
+			wantAddr: gpu, wantStep: vfio.StepSetOverride,
+			wantWrite: []string{
+				"driver_override 0000:01:00.0 vfio-pci",
+			},
+		},
+		{
+			name: "probe of the second member fails",
+			op:   "probe", addr: gpuAudio, err: syscall.ENOMEM,
+			wantAddr: gpuAudio, wantStep: vfio.StepProbe,
+			wantWrite: []string{
+				"driver_override 0000:01:00.0 vfio-pci",
+				"unbind 0000:01:00.0 nvidia",
+				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.1 vfio-pci",
+				"unbind 0000:01:00.1 snd_hda_intel",
+				"probe 0000:01:00.1",
+				"driver_override 0000:01:00.1 (null)",
+				"probe 0000:01:00.1",
+				"driver_override 0000:01:00.0 (null)",
+				"unbind 0000:01:00.0 vfio-pci",
+				"probe 0000:01:00.0",
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newMachine(t)
+			b := m.binder(nil, 5*time.Second)
+			originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.kernel.FailNext(tt.op, tt.addr, tt.err)
+
+			err = b.Bind(t.Context(), 2, originals, "vfio-pci")
+			var se *vfio.StepError
+			if !errors.As(err, &se) {
+				t.Fatalf("Bind error %v (%T), want a *StepError", err, err)
+			}
+			if se.Address != tt.wantAddr || se.Step != tt.wantStep {
+				t.Errorf("StepError names %s / %q, want %s / %q", se.Address, se.Step, tt.wantAddr, tt.wantStep)
+			}
+			if !errors.Is(err, tt.err) {
+				t.Errorf("errors.Is(%v, %v) = false", err, tt.err)
+			}
+			if !strings.Contains(err.Error(), tt.wantAddr) || !strings.Contains(err.Error(), tt.wantStep) {
+				t.Errorf("message %q does not name the device and the step", err)
+			}
+			if diff := cmp.Diff(tt.wantWrite, m.kernel.Writes()); diff != "" {
+				t.Errorf("writes (-want +got):\n%s", diff)
+			}
+			if diff := cmp.Diff(originals, m.state(t, gpu, gpuAudio)); diff != "" {
+				t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+			}
+			if isCharDevice(t, m.groupNode(2)) {
+				t.Error("/dev/vfio/2 left behind")
+			}
+		})
+	}
+}
+
+func TestBindRefusesBeforeWriting(t *testing.T) {
+	tests := []struct {
+		name    string
+		group   int
+		addrs   []string
+		target  string
+		wantIs  error
+		wantMsg string
+	}{
+		{name: "target driver not loaded", group: 4, addrs: []string{nic}, target: "nvgrace_gpu_vfio_pci",
+			wantIs: vfio.ErrDriverNotLoaded, wantMsg: "nvgrace_gpu_vfio_pci"},
+		{name: "function from another group", group: 4, addrs: []string{nic, gpu}, target: "vfio-pci",
+			wantMsg: "0000:01:00.0: check IOMMU group"},
+		{name: "no functions", group: 4, target: "vfio-pci", wantMsg: "no functions"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newMachine(t)
+			b := m.binder(nil, time.Second)
+			originals, err := b.Snapshot(addrs(t, tt.addrs...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = b.Bind(t.Context(), tt.group, originals, tt.target)
+			var se *vfio.StepError
+			if !errors.As(err, &se) {
+				t.Fatalf("Bind error %v, want a *StepError", err)
+			}
+			if tt.wantIs != nil && !errors.Is(err, tt.wantIs) {
+				t.Errorf("errors.Is(%v, %v) = false", err, tt.wantIs)
+			}
+			if !strings.Contains(err.Error(), tt.wantMsg) {
+				t.Errorf("error %q does not contain %q", err, tt.wantMsg)
+			}
+			if w := m.kernel.Writes(); len(w) > 0 {
+				t.Errorf("wrote %q", w)
+			}
+		})
+	}
+}
+
+// hookWriter passes writes to the kernel and lets a test intervene.
+type hookWriter struct {
+	k *pcitest.Kernel
+	// before runs before a write; returning false drops the write.
+	before func(path string, data []byte) bool
+	// after runs after a write that was passed on.
+	after func(path string, data []byte)
+}
+
+func (w *hookWriter) WriteFile(path string, data []byte) error {
+	if w.before != nil && !w.before(path, data) {
+		return nil
+	}
+	if err := w.k.WriteFile(path, data); err != nil {
+		return err
+	}
+	if w.after != nil {
+		w.after(path, data)
+	}
+	return nil
+}
+
+func isProbe(path string) bool { return filepath.Base(path) == "drivers_probe" }
+
+func TestBindWaits(t *testing.T) {
+	t.Run("context cancelled while waiting for the driver", func(t *testing.T) {
+		m := newMachine(t)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		dropped := false
+		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
+			if isProbe(path) && !dropped {
+				// The probe never happens and the caller gives up.
+				dropped = true
+				cancel()
+				return false
+			}
+			return true
+		}}
+		b := m.binder(w, time.Minute)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		err = b.Bind(ctx, 4, originals, "vfio-pci")
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Bind error %v, want context.Canceled", err)
+		}
+		var se *vfio.StepError
+		if !errors.As(err, &se) || se.Step != vfio.StepWaitDriver || se.Address != nic {
+			t.Errorf("error %v, want step %q for %s", err, vfio.StepWaitDriver, nic)
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Errorf("Bind took %s: it did not stop at cancellation", d)
+		}
+		// The rollback ran although ctx was cancelled.
+		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+			t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+		}
+	})
+
+	t.Run("driver never appears", func(t *testing.T) {
+		m := newMachine(t)
+		dropped := false
+		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
+			if isProbe(path) && !dropped {
+				dropped = true
+				return false
+			}
+			return true
+		}}
+		b := m.binder(w, 100*time.Millisecond)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Bind(t.Context(), 4, originals, "vfio-pci")
+		if !errors.Is(err, vfio.ErrTimeout) {
+			t.Fatalf("Bind error %v, want ErrTimeout", err)
+		}
+		if !strings.Contains(err.Error(), "0000:02:00.0: wait for driver: want vfio-pci: no driver bound") {
+			t.Errorf("message %q does not say what it saw", err)
+		}
+		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+			t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+		}
+	})
+
+	t.Run("probe binds another driver", func(t *testing.T) {
+		m := newMachine(t)
+		// Something sets the override back to the host driver behind the
+		// Binder's back; the probe then binds e1000e.
+		w := &hookWriter{k: m.kernel, before: func(path string, data []byte) bool {
+			if isProbe(path) {
+				if err := m.kernel.WriteFile(m.fs.DevicePath(addrs(t, nic)[0], "driver_override"), []byte("e1000e")); err != nil {
+					t.Error(err)
+				}
+			}
+			return true
+		}}
+		b := m.binder(w, time.Minute)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		err = b.Bind(t.Context(), 4, originals, "vfio-pci")
+		if err == nil || !strings.Contains(err.Error(), "0000:02:00.0: wait for driver: want vfio-pci: bound to e1000e instead") {
+			t.Fatalf("Bind error %v, want bound to e1000e instead", err)
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Errorf("Bind waited %s for a device bound elsewhere", d)
+		}
+	})
+
+	t.Run("group node appears late", func(t *testing.T) {
+		m := newMachine(t)
+		node := m.groupNode(4)
+		done := make(chan error, 1)
+		w := &hookWriter{k: m.kernel, after: func(path string, _ []byte) {
+			if !isProbe(path) {
+				return
+			}
+			// Like a slow udev: the node shows up 50ms after the bind.
+			if err := os.Rename(node, node+".late"); err != nil {
+				t.Error(err)
+				return
+			}
+			go func() {
+				time.Sleep(50 * time.Millisecond)
+				done <- os.Rename(node+".late", node)
+			}()
+		}}
+		b := m.binder(w, 5*time.Second)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 4, originals, "vfio-pci"); err != nil {
+			t.Fatalf("Bind: %v", err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if !isCharDevice(t, node) {
+			t.Error("group node missing")
+		}
+	})
+
+	t.Run("group node never appears", func(t *testing.T) {
+		m := newMachine(t)
+		node := m.groupNode(4)
+		removed := false
+		w := &hookWriter{k: m.kernel, after: func(path string, _ []byte) {
+			if isProbe(path) && !removed {
+				removed = true
+				if err := os.Remove(node); err != nil {
+					t.Error(err)
+				}
+			}
+		}}
+		b := m.binder(w, 100*time.Millisecond)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Bind(t.Context(), 4, originals, "vfio-pci")
+		var se *vfio.StepError
+		if !errors.As(err, &se) || se.Step != vfio.StepWaitGroupNode || !errors.Is(err, vfio.ErrTimeout) {
+			t.Fatalf("Bind error %v, want a timeout at step %q", err, vfio.StepWaitGroupNode)
+		}
+		if !strings.Contains(err.Error(), node) {
+			t.Errorf("message %q does not name %s", err, node)
+		}
+		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+			t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+		}
+	})
+}
+
+func TestRestore(t *testing.T) {
+	t.Run("override naming another driver is set after the probe", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		// The administrator pinned the NIC to igb (not loaded) while e1000e
+		// had it: drivers_probe with that override would find no driver.
+		if err := m.kernel.WriteFile(m.fs.DevicePath(addrs(t, nic)[0], "driver_override"), []byte("igb\n")); err != nil {
+			t.Fatal(err)
+		}
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []vfio.Original{{Address: nic, Driver: "e1000e", DriverOverride: "igb"}}
+		if diff := cmp.Diff(want, originals); diff != "" {
+			t.Fatalf("Snapshot (-want +got):\n%s", diff)
+		}
+		if err := b.Bind(t.Context(), 4, originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		n := len(m.kernel.Writes())
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		wantWrites := []string{
+			"driver_override 0000:02:00.0 (null)",
+			"unbind 0000:02:00.0 vfio-pci",
+			"probe 0000:02:00.0",
+			"driver_override 0000:02:00.0 igb",
+		}
+		if diff := cmp.Diff(wantWrites, m.kernel.Writes()[n:]); diff != "" {
+			t.Errorf("Restore writes (-want +got):\n%s", diff)
+		}
+		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
+		}
+	})
+
+	t.Run("every function is tried", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		originals, err := b.Snapshot(addrs(t, oldNIC1, oldNIC2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 5, originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		m.kernel.FailNext("unbind", oldNIC1, syscall.EBUSY)
+		err = b.Restore(t.Context(), originals, "vfio-pci")
+		var se *vfio.StepError
+		if !errors.As(err, &se) || se.Address != oldNIC1 || se.Step != vfio.StepUnbind || !errors.Is(err, syscall.EBUSY) {
+			t.Fatalf("Restore error %v, want EBUSY at unbind of %s", err, oldNIC1)
+		}
+		if got := m.state(t, oldNIC2)[0].Driver; got != "e1000" {
+			t.Errorf("%s: driver %q after Restore, want e1000", oldNIC2, got)
+		}
+		if !isCharDevice(t, m.groupNode(5)) {
+			t.Error("/dev/vfio/5 gone although 0000:03:01.0 is still on vfio-pci")
+		}
+		// A retry finishes the job.
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatalf("second Restore: %v", err)
+		}
+		if diff := cmp.Diff(originals, m.state(t, oldNIC1, oldNIC2)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
+		}
+		if isCharDevice(t, m.groupNode(5)) {
+			t.Error("/dev/vfio/5 left behind")
+		}
+	})
+
+	t.Run("functions that were on target stay", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		originals := []vfio.Original{{Address: vfioNIC, Driver: "vfio-pci"}}
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		if w := m.kernel.Writes(); len(w) > 0 {
+			t.Errorf("wrote %q", w)
+		}
+	})
+
+	t.Run("original driver not loaded", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		originals := []vfio.Original{{Address: vfioNIC, Driver: "ixgbe"}}
+		err := b.Restore(t.Context(), originals, "vfio-pci")
+		var se *vfio.StepError
+		if !errors.As(err, &se) || se.Address != vfioNIC || se.Step != vfio.StepCheckDriver || !errors.Is(err, vfio.ErrDriverNotLoaded) {
+			t.Fatalf("Restore error %v, want ErrDriverNotLoaded at %q for %s", err, vfio.StepCheckDriver, vfioNIC)
+		}
+		if w := m.kernel.Writes(); len(w) > 0 {
+			t.Errorf("wrote %q", w)
+		}
+		if d := m.state(t, vfioNIC)[0].Driver; d != "vfio-pci" {
+			t.Errorf("driver %q, want the device left on vfio-pci", d)
+		}
+	})
+
+	t.Run("unknown device", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		err := b.Restore(t.Context(), []vfio.Original{{Address: "0000:7f:00.0", Driver: "e1000e"}}, "vfio-pci")
+		if !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "0000:7f:00.0: read state") {
+			t.Errorf("Restore error %v, want a read state error wrapping ErrNotExist", err)
+		}
+	})
+}
+
+func TestSnapshot(t *testing.T) {
+	m := newMachine(t)
+	b := m.binder(nil, time.Second)
+	got, err := b.Snapshot(addrs(t, gpu, bareNIC, vfioNIC))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []vfio.Original{
+		{Address: gpu, Driver: "nvidia"},
+		{Address: bareNIC},
+		{Address: vfioNIC, Driver: "vfio-pci"},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Snapshot (-want +got):\n%s", diff)
+	}
+	if _, err := b.Snapshot(addrs(t, gpu, "0000:7f:00.0")); err == nil || !strings.Contains(err.Error(), "0000:7f:00.0") {
+		t.Errorf("Snapshot of a missing device: %v, want an error naming it", err)
+	}
+}
+
+func TestGroupEndpoints(t *testing.T) {
+	m := newMachine(t)
+	tests := []struct {
+		group int
+		want  []pci.Address
+	}{
+		{0, nil},
+		{1, nil},
+		{2, addrs(t, gpu, gpuAudio)},
+		{5, addrs(t, oldNIC1, oldNIC2)},
+		{6, addrs(t, bareNIC)},
+	}
+	for _, tt := range tests {
+		got, err := vfio.GroupEndpoints(m.fs, tt.group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(tt.want, got); diff != "" {
+			t.Errorf("group %d (-want +got):\n%s", tt.group, diff)
+		}
+	}
+	if _, err := vfio.GroupEndpoints(m.fs, 99); err == nil {
+		t.Error("GroupEndpoints of a missing group: no error")
+	}
+}
+
+func TestDeviceCDev(t *testing.T) {
+	m := newMachine(t)
+	b := m.binder(nil, 5*time.Second)
+	tests := []struct {
+		addr string
+		want string
+	}{
+		{vfioNIC, "vfio0"},   // bound at start-up, in address order
+		{mixedVFIO, "vfio1"}, //
+		{nic, ""},            // on e1000e
+		{bareNIC, ""},        // no driver
+	}
+	for _, tt := range tests {
+		got, err := b.DeviceCDev(addrs(t, tt.addr)[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != tt.want {
+			t.Errorf("DeviceCDev(%s) = %q, want %q", tt.addr, got, tt.want)
+		}
+	}
+	if _, err := b.DeviceCDev(addrs(t, "0000:7f:00.0")[0]); err == nil {
+		t.Error("DeviceCDev of a missing device: no error")
+	}
+
+	// Linux 6.1-6.5 without VFIO_DEVICE_CDEV: vfio-dev/vfioN exists, but
+	// has no dev file and there is no character device to hand out.
+	if err := os.Remove(m.fs.DevicePath(addrs(t, vfioNIC)[0], "vfio-dev", "vfio0", "dev")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.DeviceCDev(addrs(t, vfioNIC)[0]); err != nil || got != "" {
+		t.Errorf("DeviceCDev without a dev file = %q, %v; want no cdev", got, err)
+	}
+}
+
+func TestOSWriter(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "driver_override")
+	if err := os.WriteFile(file, []byte("(null)\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := (vfio.OSWriter{}).WriteFile(file, []byte("vfio-pci")); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(file); string(got) != "vfio-pci" {
+		t.Errorf("file holds %q, want %q", got, "vfio-pci")
+	}
+	missing := filepath.Join(dir, "no_such_attribute")
+	if err := (vfio.OSWriter{}).WriteFile(missing, []byte("x")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("write to a missing file: %v, want ErrNotExist", err)
+	}
+	if _, err := os.Stat(missing); !errors.Is(err, os.ErrNotExist) {
+		t.Error("OSWriter created a file")
+	}
+}
+
+// TestBindAsync runs the emulator the way the end-to-end tests do: it reacts
+// to files written by OSWriter, after the write returned.
+func TestBindAsync(t *testing.T) {
+	m := newMachine(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	watchErr := make(chan error, 1)
+	go func() { watchErr <- m.kernel.Watch(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-watchErr; err != nil {
+			t.Errorf("Watch: %v", err)
+		}
+	})
+	select {
+	case <-m.kernel.Ready():
+	case err := <-watchErr:
+		t.Fatalf("Watch: %v", err)
+	}
+
+	b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 5 * time.Second, PollInterval: time.Millisecond})
+	originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Bind(ctx, 2, originals, "vfio-pci"); err != nil {
+		t.Fatalf("Bind: %v", err)
+	}
+	for _, o := range m.state(t, gpu, gpuAudio) {
+		if o.Driver != "vfio-pci" || o.DriverOverride != "vfio-pci" {
+			t.Errorf("%s after Bind: %+v", o.Address, o)
+		}
+	}
+	if !isCharDevice(t, m.groupNode(2)) {
+		t.Error("/dev/vfio/2 missing after Bind")
+	}
+	if err := b.Restore(ctx, originals, "vfio-pci"); err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	if diff := cmp.Diff(originals, m.state(t, gpu, gpuAudio)); diff != "" {
+		t.Errorf("state after Restore (-original +now):\n%s", diff)
+	}
+	if isCharDevice(t, m.groupNode(2)) {
+		t.Error("/dev/vfio/2 left behind")
+	}
+
+	// A write the kernel refuses: OSWriter cannot see the error, so the
+	// Binder times out waiting and rolls the first member back.
+	m.kernel.FailNext("unbind", gpuAudio, syscall.EBUSY)
+	b = vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 500 * time.Millisecond, PollInterval: time.Millisecond})
+	err = b.Bind(ctx, 2, originals, "vfio-pci")
+	var se *vfio.StepError
+	if !errors.As(err, &se) || se.Address != gpuAudio || se.Step != vfio.StepWaitUnbind || !errors.Is(err, vfio.ErrTimeout) {
+		t.Fatalf("Bind error %v, want a timeout waiting for the unbind of %s", err, gpuAudio)
+	}
+	if diff := cmp.Diff(originals, m.state(t, gpu, gpuAudio)); diff != "" {
+		t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+	}
+	if errs := m.kernel.Errors(); len(errs) != 1 || !errors.Is(errs[0], syscall.EBUSY) {
+		t.Errorf("kernel errors %v, want the one EBUSY", errs)
+	}
+}
