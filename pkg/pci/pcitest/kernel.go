@@ -204,6 +204,10 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 		if _, err := k.lookup(arg); err != nil {
 			return err
 		}
+		if len(data) == 0 {
+			// Linux ignores a zero-length write; only "\n" clears.
+			return nil
+		}
 		return k.writeOverride(arg, value)
 	case OpUnbind:
 		addr := busName(data)

@@ -149,7 +149,7 @@ func TestDriverOverride(t *testing.T) {
 		{"vfio-pci\n", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 		{"vfio-pci\nrest", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 		{"\n", "(null)\n", "driver_override 0000:00:19.0 (null)"},
-		{"", "(null)\n", "driver_override 0000:00:19.0 (null)"},
+		{"", "e1000e\n", "driver_override 0000:00:19.0 (null)"}, // ignored, as Linux does
 		{"vfio-pci\x00\x00", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 	}
 	for _, tt := range tests {
