@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -43,6 +44,8 @@ func newCommand() *cobra.Command {
 			HostDevRoot:    "/dev",
 			CDIRoot:        "/var/run/cdi",
 			RegistrarDir:   kubeletplugin.KubeletRegistryDir,
+			ProcRoot:       "/proc",
+			ModulesAlias:   modulesAlias(),
 			RescanInterval: time.Minute,
 		},
 		logging: logsapi.NewLoggingConfiguration(),
@@ -76,6 +79,8 @@ func newCommand() *cobra.Command {
 	fs.StringVar(&o.cfg.CDIRoot, "cdi-root", o.cfg.CDIRoot, "Directory for CDI spec files.")
 	fs.StringVar(&o.cfg.PluginDataDir, "plugin-data-dir", "", "Directory for dra.sock and the checkpoint (default /var/lib/kubelet/plugins/<driver-name>).")
 	fs.StringVar(&o.cfg.RegistrarDir, "registrar-dir", o.cfg.RegistrarDir, "The kubelet's plugin registration directory.")
+	fs.StringVar(&o.cfg.ProcRoot, "proc-root", o.cfg.ProcRoot, "Where the host's /proc is mounted; its boot ID tells whether checkpointed claims are from this boot.")
+	fs.StringVar(&o.cfg.ModulesAlias, "modules-alias", o.cfg.ModulesAlias, "The kernel's modules.alias, to find vfio variant drivers for driver \"auto\"; empty disables \"auto\".")
 	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
 
@@ -86,6 +91,15 @@ func newCommand() *cobra.Command {
 	cols, _, _ := term.TerminalSize(cmd.OutOrStdout())
 	cliflag.SetUsageAndHelpFunc(cmd, fss, cols)
 	return cmd
+}
+
+// modulesAlias is the running kernel's modules.alias.
+func modulesAlias() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/modules.alias"
 }
 
 func (o *options) complete() error {

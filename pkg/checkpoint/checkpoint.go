@@ -82,7 +82,10 @@ type Group struct {
 	Target string `json:"target"`
 	// Restore says whether unprepare gives the members back to their
 	// original drivers.
-	Restore bool     `json:"restore"`
+	Restore bool `json:"restore"`
+	// IOMMUFD says whether the container got the iommufd device nodes
+	// instead of the legacy group device.
+	IOMMUFD bool     `json:"iommufd,omitempty"`
 	Members []Member `json:"members"`
 }
 

@@ -59,7 +59,7 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	inv, err := inventory.Scan(fs, cfg)
+	inv, err := inventory.Scan(fs, cfg, nil)
 	if err != nil {
 		return err
 	}

@@ -47,11 +47,19 @@ func (inv *Inventory) Offered() []Decision {
 
 // Scan reads the PCI functions below fs and decides on each. cfg may be nil
 // (no configuration file): then every function the built-in rules allow is
-// offered.
-func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration) (*Inventory, error) {
+// offered. hostDrivers names, for functions that the driver moved to vfio
+// for a claim, the host driver they go back to: that is the driver they
+// are described and selected by, so that preparing a claim does not change
+// what is published.
+func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[pci.Address]string) (*Inventory, error) {
 	devices, problems, err := fs.Scan()
 	if err != nil {
 		return nil, err
+	}
+	for _, d := range devices {
+		if driver, ok := hostDrivers[d.Address]; ok {
+			d.Driver = driver
+		}
 	}
 	groups := map[int][]pci.Address{}
 	for _, d := range devices {

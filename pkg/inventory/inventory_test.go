@@ -23,7 +23,7 @@ func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inve
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, cfg)
+	inv, err := inventory.Scan(fs, cfg, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,6 +37,12 @@ type Config struct {
 	PluginDataDir string
 	// RegistrarDir is the kubelet's plugin registration directory.
 	RegistrarDir string
+	// ProcRoot is where the plugin sees the host's /proc; the boot ID there
+	// tells whether the checkpoint is from this boot.
+	ProcRoot string
+	// ModulesAlias is the kernel's modules.alias file, for finding vfio
+	// variant drivers (VfioConfig driver "auto"); "" disables "auto".
+	ModulesAlias string
 
 	// DriverConfig filters the offered devices; nil offers every function the
 	// built-in rules allow.
@@ -59,6 +65,7 @@ func (c *Config) Validate() error {
 	for name, v := range map[string]string{
 		"sysfs root": c.SysfsRoot, "dev root": c.DevRoot, "host dev root": c.HostDevRoot,
 		"CDI root": c.CDIRoot, "plugin data directory": c.PluginDataDir, "registrar directory": c.RegistrarDir,
+		"proc root": c.ProcRoot,
 	} {
 		if v == "" {
 			errs = append(errs, fmt.Errorf("%s is required", name))

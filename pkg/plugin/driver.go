@@ -5,28 +5,39 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
-	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
 	"k8s.io/klog/v2"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
 // Driver implements kubeletplugin.DRAPlugin.
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
+	binder *vfio.Binder
+	store  *checkpoint.Store
+	cdi    *cdispec.Writer
 	helper *kubeletplugin.Helper
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
+
+	// claimMu serializes prepare and unprepare. The helper does that too,
+	// but the checkpoint's consistency must not depend on an option.
+	claimMu sync.Mutex
 
 	mu sync.Mutex
 	// published is what was last handed to the helper.
@@ -51,13 +62,32 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(cfg.PluginDataDir, 0o750); err != nil {
 		return nil, fmt.Errorf("plugin data directory: %w", err)
 	}
-	d := &Driver{cfg: cfg, fs: fs, fatal: make(chan error, 1), logged: map[pci.Address]bool{}}
+	cdi, err := cdispec.NewWriter(cfg.CDIRoot, cfg.DriverName)
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{
+		cfg:    cfg,
+		fs:     fs,
+		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{}),
+		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
+		cdi:    cdi,
+		fatal:  make(chan error, 1),
+		logged: map[pci.Address]bool{},
+	}
+	if err := d.forgetOtherBoots(ctx); err != nil {
+		return nil, err
+	}
 	d.helper, err = kubeletplugin.Start(ctx, d,
 		kubeletplugin.DriverName(cfg.DriverName),
 		kubeletplugin.KubeClient(cfg.KubeClient),
 		kubeletplugin.NodeName(cfg.NodeName),
 		kubeletplugin.RegistrarDirectoryPath(cfg.RegistrarDir),
 		kubeletplugin.PluginDataDirectoryPath(cfg.PluginDataDir),
+		kubeletplugin.CDIDirectory(cfg.CDIRoot),
+		// KEP-5304: the pciBusID and IOMMU group of each device reach the
+		// container as metadata, which KubeVirt reads.
+		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
@@ -112,7 +142,11 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig)
+	cp, err := d.store.Get()
+	if err != nil {
+		return false, err
+	}
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, hostDrivers(cp))
 	if err != nil {
 		return false, err
 	}
@@ -139,25 +173,6 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// PrepareResourceClaims is called by the kubelet before a pod's containers
-// start.
-func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
-	result := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
-	for _, c := range claims {
-		result[c.UID] = kubeletplugin.PrepareResult{Err: fmt.Errorf("ResourceClaim %s: prepare is not implemented yet", klog.KObj(c))}
-	}
-	return result, nil
-}
-
-// UnprepareResourceClaims is called by the kubelet after a pod is done.
-func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletplugin.NamespacedObject) (map[types.UID]error, error) {
-	result := make(map[types.UID]error, len(claims))
-	for _, c := range claims {
-		result[c.UID] = fmt.Errorf("ResourceClaim %s: unprepare is not implemented yet", c.NamespacedName)
-	}
-	return result, nil
-}
-
 // HandleError is called by the helper for errors in the background. The
 // recoverable ones (publishing) are logged; anything else stops the plugin.
 func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
@@ -170,6 +185,33 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 	case d.fatal <- fmt.Errorf("%s: %w", msg, err):
 	default: // The first fatal error is enough.
 	}
+}
+
+// checkpointFile is the checkpoint's name in the plugin data directory.
+const checkpointFile = "checkpoint.json"
+
+// forgetOtherBoots drops claims checkpointed in an earlier boot: a reboot
+// reset every driver binding and driver_override, so there is nothing left
+// to undo, and their CDI specs are stale.
+func (d *Driver) forgetOtherBoots(ctx context.Context) error {
+	bootID, err := checkpoint.ReadBootID(d.cfg.ProcRoot)
+	if err != nil {
+		return err
+	}
+	return d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		if cp.BootID == bootID {
+			return nil
+		}
+		for uid, c := range cp.Claims {
+			klog.FromContext(ctx).Info("Forgetting claim prepared before the last reboot", "claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
+			if err := d.cdi.RemoveClaim(uid); err != nil {
+				return err
+			}
+			delete(cp.Claims, uid)
+		}
+		cp.BootID = bootID
+		return nil
+	})
 }
 
 // WatchHealthStatus reports that per-device health is not supported yet, so

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -48,6 +49,13 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	proc := filepath.Join(dir, "proc")
+	if err := os.MkdirAll(filepath.Join(proc, "sys/kernel/random"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
 	client := fake.NewClientset(&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName, UID: "node-uid"}})
 	// The fake API server does not implement generateName; the controller
 	// relies on it.
@@ -73,6 +81,7 @@ func newEnv(t *testing.T) *env {
 			CDIRoot:        filepath.Join(dir, "cdi"),
 			PluginDataDir:  filepath.Join(dir, "plugin"),
 			RegistrarDir:   dir,
+			ProcRoot:       proc,
 			RescanInterval: time.Hour,
 		},
 	}
@@ -113,7 +122,7 @@ func TestPublishMatchesInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil)
+	inv, err := inventory.Scan(fs, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,146 @@
+package plugin
+
+import (
+	"fmt"
+	"slices"
+
+	resourceapi "k8s.io/api/resource/v1"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
+)
+
+type decodedConfig struct {
+	source   resourceapi.AllocationConfigSource
+	requests []string
+	config   *v1alpha1.VfioConfig
+}
+
+// plan works out, without changing anything, what preparing claim means:
+// which IOMMU groups move to which driver, with every member's original
+// state, and which devices the claim gets. The result is the claim's
+// checkpoint entry in state PrepareStarted.
+func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoint) (*checkpoint.Claim, error) {
+	alloc := claim.Status.Allocation
+	if alloc == nil {
+		return nil, fmt.Errorf("not allocated")
+	}
+	var configs []decodedConfig
+	for i, c := range alloc.Devices.Config {
+		if c.Opaque == nil || c.Opaque.Driver != d.cfg.DriverName {
+			continue
+		}
+		vc, err := v1alpha1.DecodeVfioConfig(c.Opaque.Parameters.Raw, c.Source == resourceapi.AllocationConfigSourceClaim)
+		if err != nil {
+			return nil, fmt.Errorf("config[%d] (from %s): %w", i, c.Source, err)
+		}
+		configs = append(configs, decodedConfig{source: c.Source, requests: c.Requests, config: vc})
+	}
+
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, hostDrivers(cp))
+	if err != nil {
+		return nil, err
+	}
+	decisions := map[pci.Address]inventory.Decision{}
+	for _, dec := range inv.Decisions {
+		decisions[dec.Device.Address] = dec
+	}
+
+	p := &checkpoint.Claim{Namespace: claim.Namespace, Name: claim.Name, State: checkpoint.PrepareStarted}
+	for _, r := range alloc.Devices.Results {
+		if r.Driver != d.cfg.DriverName {
+			continue
+		}
+		if r.Pool != d.cfg.NodeName {
+			return nil, fmt.Errorf("device %s is from pool %q, not from this node's pool %q", r.Device, r.Pool, d.cfg.NodeName)
+		}
+		addr, err := pci.ParseDeviceName(r.Device)
+		if err != nil {
+			return nil, err
+		}
+		dec, ok := decisions[addr]
+		if !ok {
+			return nil, fmt.Errorf("device %s: there is no PCI function %s on this node", r.Device, addr)
+		}
+		if !dec.Offered {
+			return nil, fmt.Errorf("device %s is not offered on this node: %s", r.Device, dec.Reason)
+		}
+		group := *dec.Device.IOMMUGroup
+		if holder := holderOf(cp, string(claim.UID), dec.GroupMembers); holder != "" {
+			return nil, fmt.Errorf("device %s: IOMMU group %d is prepared for ResourceClaim %s", r.Device, group, holder)
+		}
+
+		cfg := effectiveConfig(configs, r.Request)
+		target, err := d.target(cfg, addr)
+		if err != nil {
+			return nil, fmt.Errorf("device %s: %w", r.Device, err)
+		}
+		i := slices.IndexFunc(p.Groups, func(g checkpoint.Group) bool { return g.Number == group })
+		if i < 0 {
+			endpoints, err := vfio.GroupEndpoints(d.fs, group)
+			if err != nil {
+				return nil, fmt.Errorf("device %s: %w", r.Device, err)
+			}
+			snap, err := d.binder.Snapshot(endpoints)
+			if err != nil {
+				return nil, fmt.Errorf("device %s: %w", r.Device, err)
+			}
+			g := checkpoint.Group{
+				Number:  group,
+				Target:  target,
+				Restore: cfg.RestoreDriver == nil || *cfg.RestoreDriver,
+				IOMMUFD: cfg.IOMMUFD != nil && *cfg.IOMMUFD,
+			}
+			for _, o := range snap {
+				g.Members = append(g.Members, checkpoint.Member(o))
+			}
+			p.Groups = append(p.Groups, g)
+		} else if p.Groups[i].Target != target {
+			return nil, fmt.Errorf("device %s: IOMMU group %d would be bound to both %s and %s", r.Device, group, p.Groups[i].Target, target)
+		}
+		p.Devices = append(p.Devices, checkpoint.Device{
+			Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, PCIAddress: addr.String(), IOMMUGroup: group,
+		})
+	}
+	return p, nil
+}
+
+// target resolves the configured driver for one function.
+func (d *Driver) target(cfg v1alpha1.VfioConfig, addr pci.Address) (string, error) {
+	switch cfg.Driver {
+	case "", v1alpha1.DriverVfioPCI:
+		return v1alpha1.DriverVfioPCI, nil
+	case v1alpha1.DriverAuto:
+		if d.cfg.ModulesAlias == "" {
+			return "", fmt.Errorf(`driver "auto" needs the kernel's modules.alias, and none is configured`)
+		}
+		variant, err := vfio.VariantDriver(d.fs, addr, d.cfg.ModulesAlias)
+		if err != nil || variant != "" {
+			return variant, err
+		}
+		return v1alpha1.DriverVfioPCI, nil
+	default:
+		return cfg.Driver, nil
+	}
+}
+
+// holderOf names another claim in the checkpoint that holds one of the
+// addresses; "" if none does.
+func holderOf(cp *checkpoint.Checkpoint, self string, addrs []pci.Address) string {
+	for uid, c := range cp.Claims {
+		if uid == self {
+			continue
+		}
+		for _, g := range c.Groups {
+			for _, m := range g.Members {
+				if slices.ContainsFunc(addrs, func(a pci.Address) bool { return a.String() == m.Address }) {
+					return c.Namespace + "/" + c.Name
+				}
+			}
+		}
+	}
+	return ""
+}

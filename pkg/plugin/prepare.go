@@ -1,0 +1,324 @@
+package plugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/dynamic-resource-allocation/deviceattribute"
+	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
+	"k8s.io/utils/ptr"
+
+	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
+)
+
+// PrepareResourceClaims binds the IOMMU groups of each claim's devices to
+// vfio and writes the claim's CDI spec. Each claim succeeds or fails on its
+// own; a failed claim leaves the node as it was.
+func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	result := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
+	for _, c := range claims {
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KObj(c))
+		devices, err := d.prepareClaim(klog.NewContext(ctx, logger), c)
+		if err != nil {
+			err = fmt.Errorf("prepare ResourceClaim %s: %w", klog.KObj(c), err)
+		}
+		result[c.UID] = kubeletplugin.PrepareResult{Devices: devices, Err: err}
+	}
+	return result, nil
+}
+
+// UnprepareResourceClaims removes the claims' CDI specs and gives their
+// devices back to the host. Unknown claims succeed: they were never
+// prepared, or already unprepared.
+func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletplugin.NamespacedObject) (map[types.UID]error, error) {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	result := make(map[types.UID]error, len(claims))
+	for _, c := range claims {
+		logger := klog.FromContext(ctx).WithValues("claim", c.NamespacedName)
+		if err := d.unprepareClaim(klog.NewContext(ctx, logger), string(c.UID)); err != nil {
+			result[c.UID] = fmt.Errorf("unprepare ResourceClaim %s: %w", c.NamespacedName, err)
+			continue
+		}
+		result[c.UID] = nil
+	}
+	return result, nil
+}
+
+func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceClaim) ([]kubeletplugin.Device, error) {
+	logger := klog.FromContext(ctx)
+	uid := string(claim.UID)
+	cp, err := d.store.Get()
+	if err != nil {
+		return nil, err
+	}
+	if prev := cp.Claims[uid]; prev != nil {
+		if prev.State == checkpoint.PrepareCompleted {
+			logger.V(4).Info("Claim is prepared already")
+			return d.completed(ctx, uid, prev)
+		}
+		// A prepare that did not finish (crash, or a rollback that
+		// failed): undo what it did, then start over.
+		logger.Info("Rolling back an unfinished prepare")
+		if err := d.unprepareClaim(ctx, uid); err != nil {
+			return nil, fmt.Errorf("roll back the unfinished prepare: %w", err)
+		}
+		if cp, err = d.store.Get(); err != nil {
+			return nil, err
+		}
+	}
+
+	p, err := d.plan(claim, cp)
+	if err != nil {
+		return nil, err
+	}
+	// Write ahead: the original drivers are on disk before sysfs changes.
+	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		cp.Claims[uid] = p
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+
+	devices, specName, err := d.apply(ctx, uid, p)
+	if err != nil {
+		if rerr := d.unprepareClaim(ctx, uid); rerr != nil {
+			// The claim stays PrepareStarted: the next prepare or
+			// unprepare tries again.
+			return nil, fmt.Errorf("%w; rolling back failed too: %w", err, rerr)
+		}
+		return nil, err
+	}
+	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		c := cp.Claims[uid]
+		c.State, c.Devices, c.CDISpec = checkpoint.PrepareCompleted, devices, specName
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	logger.Info("Prepared claim", "devices", len(devices), "iommuGroups", len(p.Groups))
+	p.State, p.Devices, p.CDISpec = checkpoint.PrepareCompleted, devices, specName
+	return d.completed(ctx, uid, p)
+}
+
+// apply binds the planned groups and writes the CDI spec. It returns the
+// claim's devices with their CDI IDs.
+func (d *Driver) apply(ctx context.Context, uid string, p *checkpoint.Claim) ([]checkpoint.Device, string, error) {
+	logger := klog.FromContext(ctx)
+	for _, g := range p.Groups {
+		if err := d.binder.Bind(ctx, g.Number, originals(g.Members), g.Target); err != nil {
+			var step *vfio.StepError
+			if errors.As(err, &step) && step.Address != "" {
+				return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)
+			}
+			return nil, "", fmt.Errorf("IOMMU group %d: %w", g.Number, err)
+		}
+		logger.V(2).Info("Bound IOMMU group", "iommuGroup", g.Number, "driver", g.Target, "functions", len(g.Members))
+	}
+	return d.writeSpec(uid, p)
+}
+
+// writeSpec writes the CDI spec of a claim whose groups are bound.
+func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device, string, error) {
+	spec := cdispec.Claim{UID: uid, HostDevRoot: d.cfg.HostDevRoot}
+	needLegacy, needIOMMUFD := false, false
+	byGroup := map[int]cdispec.Group{}
+	for _, g := range p.Groups {
+		cg := cdispec.Group{Number: g.Number}
+		for _, m := range g.Members {
+			cg.Addresses = append(cg.Addresses, m.Address)
+		}
+		if g.IOMMUFD {
+			needIOMMUFD = true
+			for _, m := range g.Members {
+				addr, err := pci.ParseAddress(m.Address)
+				if err != nil {
+					return nil, "", err
+				}
+				cdev, err := d.binder.DeviceCDev(addr)
+				if err != nil {
+					return nil, "", err
+				}
+				if cdev == "" {
+					return nil, "", fmt.Errorf("device %s: iommufd requested, but the kernel has no VFIO device cdev for %s (needs Linux 6.6+ with VFIO_DEVICE_CDEV)", deviceOf(p, m.Address), m.Address)
+				}
+				cg.DeviceNodes = append(cg.DeviceNodes, filepath.Join(d.cfg.HostDevRoot, "vfio", "devices", cdev))
+			}
+		} else {
+			needLegacy = true
+			cg.DeviceNodes = []string{filepath.Join(d.cfg.HostDevRoot, "vfio", fmt.Sprint(g.Number))}
+		}
+		byGroup[g.Number] = cg
+	}
+	if needLegacy {
+		spec.CommonNodes = append(spec.CommonNodes, filepath.Join(d.cfg.HostDevRoot, "vfio", "vfio"))
+	}
+	if needIOMMUFD {
+		if _, err := os.Stat(filepath.Join(d.cfg.DevRoot, "iommu")); err != nil {
+			return nil, "", fmt.Errorf("iommufd requested, but the kernel has no /dev/iommu: %w", err)
+		}
+		spec.CommonNodes = append(spec.CommonNodes, filepath.Join(d.cfg.HostDevRoot, "iommu"))
+	}
+	for _, dev := range p.Devices {
+		spec.Devices = append(spec.Devices, cdispec.Device{
+			Request: dev.Requests[0], Name: dev.Device, PCIAddress: dev.PCIAddress, Group: byGroup[dev.IOMMUGroup],
+		})
+	}
+	specName, ids, err := d.cdi.WriteClaim(spec)
+	if err != nil {
+		return nil, "", fmt.Errorf("write CDI spec: %w", err)
+	}
+	devices := slices.Clone(p.Devices)
+	for i := range devices {
+		devices[i].CDIDeviceIDs = ids[devices[i].Device]
+	}
+	return devices, specName, nil
+}
+
+// completed turns a prepared claim into the prepare result. It writes a CDI
+// spec that went missing (e.g. /var/run/cdi was emptied) again, since the
+// runtime cannot start the container without it.
+func (d *Driver) completed(ctx context.Context, uid string, c *checkpoint.Claim) ([]kubeletplugin.Device, error) {
+	if _, err := os.Stat(filepath.Join(d.cfg.CDIRoot, c.CDISpec)); errors.Is(err, os.ErrNotExist) {
+		klog.FromContext(ctx).Info("CDI spec of a prepared claim is missing, writing it again", "path", c.CDISpec)
+		if _, _, err := d.writeSpec(uid, c); err != nil {
+			return nil, err
+		}
+	}
+	var out []kubeletplugin.Device
+	for _, dev := range c.Devices {
+		out = append(out, kubeletplugin.Device{
+			Requests: dev.Requests, PoolName: dev.Pool, DeviceName: dev.Device, CDIDeviceIDs: dev.CDIDeviceIDs,
+			Metadata: &kubeletplugin.DeviceMetadata{Attributes: map[string]resourceapi.DeviceAttribute{
+				string(deviceattribute.StandardDeviceAttributePCIBusID): {StringValue: ptr.To(dev.PCIAddress)},
+				"iommuGroup": {IntValue: ptr.To(int64(dev.IOMMUGroup))},
+			}},
+		})
+	}
+	return out, nil
+}
+
+// deviceOf names the allocated device for a PCI address of the claim: the
+// address itself, or the allocated member of its group.
+func deviceOf(c *checkpoint.Claim, addr string) string {
+	for _, dev := range c.Devices {
+		if dev.PCIAddress == addr {
+			return dev.Device
+		}
+	}
+	for _, g := range c.Groups {
+		for _, m := range g.Members {
+			if m.Address != addr {
+				continue
+			}
+			for _, dev := range c.Devices {
+				if dev.IOMMUGroup == g.Number {
+					return fmt.Sprintf("%s (group member %s)", dev.Device, addr)
+				}
+			}
+		}
+	}
+	return addr
+}
+
+// unprepareClaim undoes a prepared or half-prepared claim.
+func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
+	logger := klog.FromContext(ctx)
+	if err := d.cdi.RemoveClaim(uid); err != nil {
+		return fmt.Errorf("remove CDI spec: %w", err)
+	}
+	cp, err := d.store.Get()
+	if err != nil {
+		return err
+	}
+	c := cp.Claims[uid]
+	if c == nil {
+		return nil
+	}
+	var errs []error
+	for _, g := range slices.Backward(c.Groups) {
+		if !g.Restore {
+			logger.V(2).Info("Leaving IOMMU group on its vfio driver, as configured", "iommuGroup", g.Number, "driver", g.Target)
+			continue
+		}
+		if err := d.binder.Restore(ctx, originals(g.Members), g.Target); err != nil {
+			errs = append(errs, fmt.Errorf("IOMMU group %d: %w", g.Number, err))
+			continue
+		}
+		logger.V(2).Info("Gave IOMMU group back to the host", "iommuGroup", g.Number)
+	}
+	if err := errors.Join(errs...); err != nil {
+		// Keep the claim so that the kubelet's retry finishes the job.
+		return err
+	}
+	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		delete(cp.Claims, uid)
+		return nil
+	}); err != nil {
+		return err
+	}
+	logger.Info("Unprepared claim")
+	return nil
+}
+
+func originals(members []checkpoint.Member) []vfio.Original {
+	out := make([]vfio.Original, len(members))
+	for i, m := range members {
+		out[i] = vfio.Original(m)
+	}
+	return out
+}
+
+// hostDrivers returns, for every function a claim moved to vfio, the driver
+// it goes back to.
+func hostDrivers(cp *checkpoint.Checkpoint) map[pci.Address]string {
+	out := map[pci.Address]string{}
+	for _, c := range cp.Claims {
+		for _, g := range c.Groups {
+			for _, m := range g.Members {
+				if a, err := pci.ParseAddress(m.Address); err == nil {
+					out[a] = m.Driver
+				}
+			}
+		}
+	}
+	return out
+}
+
+// requestMatches reports whether a config that lists requests applies to
+// request (a subrequest "req/sub" is matched by "req" as well).
+func requestMatches(requests []string, request string) bool {
+	if len(requests) == 0 {
+		return true
+	}
+	base, _, _ := strings.Cut(request, "/")
+	return slices.Contains(requests, request) || slices.Contains(requests, base)
+}
+
+// effectiveConfig merges the opaque configs for request, DeviceClass ones
+// first (the API server lists them first), each later one overriding.
+func effectiveConfig(configs []decodedConfig, request string) v1alpha1.VfioConfig {
+	var c v1alpha1.VfioConfig
+	for _, src := range []resourceapi.AllocationConfigSource{resourceapi.AllocationConfigSourceClass, resourceapi.AllocationConfigSourceClaim} {
+		for _, dc := range configs {
+			if dc.source == src && requestMatches(dc.requests, request) {
+				c = c.Merge(dc.config)
+			}
+		}
+	}
+	return c
+}

@@ -1,0 +1,63 @@
+package vfio_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
+)
+
+// A modules.alias as depmod writes it, cut down.
+const modulesAlias = `# Aliases extracted from modules themselves.
+alias pci:v000015B3d00001017sv*sd*bc*sc*i* mlx5_core
+alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci
+alias vfio_pci:v000015B3d00001018sv*sd*bc*sc*i* mlx5_vfio_pci
+alias vfio_pci:v000015B3d0000101Esv*sd*bc*sc*i* mlx5_vfio_pci
+alias vfio_pci:v000019E5d0000A255sv*sd*bc*sc*i* hisi_acc_vfio_pci
+alias vfio_pci:v000010DEd*sv*sd*bc03sc*i* nvgrace_gpu_vfio_pci
+alias vfio_pci:v000010DEd00002342sv*sd*bc03sc*i* nvgrace_gpu_vfio_pci_specific
+`
+
+func TestVariantDriver(t *testing.T) {
+	root := t.TempDir()
+	tree, err := pcitest.NewServer(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.AddDriver("mlx5_vfio_pci"); err != nil {
+		t.Fatal(err)
+	}
+	alias := filepath.Join(t.TempDir(), "modules.alias")
+	if err := os.WriteFile(alias, []byte(modulesAlias), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		addr    string
+		want    string
+		wantErr error
+	}{
+		{addr: "0000:81:00.2", want: "mlx5_vfio_pci"},            // ConnectX-5 VF
+		{addr: "0000:81:00.0", want: ""},                         // PF: no variant
+		{addr: "0000:82:00.0", want: ""},                         // only the vfio_pci catch-all
+		{addr: "0000:01:00.0", wantErr: vfio.ErrDriverNotLoaded}, // nvgrace matches, not loaded
+	}
+	for _, tt := range tests {
+		a, _ := pci.ParseAddress(tt.addr)
+		got, err := vfio.VariantDriver(fs, a, alias)
+		if !errors.Is(err, tt.wantErr) || got != tt.want {
+			t.Errorf("VariantDriver(%s) = %q, %v; want %q, %v", tt.addr, got, err, tt.want, tt.wantErr)
+		}
+	}
+	a, _ := pci.ParseAddress("0000:01:00.0")
+	if _, err := vfio.VariantDriver(fs, a, filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Error("missing modules.alias: no error")
+	}
+}
