@@ -121,7 +121,7 @@ func (o *options) complete() error {
 		restConfig, err = rest.InClusterConfig()
 	}
 	if err != nil {
-		return fmt.Errorf("Kubernetes client configuration: %w", err)
+		return fmt.Errorf("client configuration: %w", err)
 	}
 	o.cfg.KubeClient, err = kubernetes.NewForConfig(restConfig)
 	return err

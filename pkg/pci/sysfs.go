@@ -315,7 +315,7 @@ func readAttr(file string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer fh.Close()
+	defer fh.Close() //nolint:errcheck // opened read-only
 	buf := make([]byte, maxAttrSize)
 	n, err := fh.Read(buf)
 	if err != nil && !errors.Is(err, io.EOF) {

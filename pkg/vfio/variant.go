@@ -31,7 +31,7 @@ func VariantDriver(fs *pci.FS, addr pci.Address, modulesAlias string) (string, e
 	if err != nil {
 		return "", fmt.Errorf("find vfio variant driver for %s: %w", addr, err)
 	}
-	defer f.Close()
+	defer f.Close() //nolint:errcheck // opened read-only
 	best, bestWild := "", -1
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {

@@ -114,7 +114,7 @@ func charDev(t *testing.T, path string) (major, minor uint32, ok bool) {
 	if st.Mode&unix.S_IFMT != unix.S_IFCHR {
 		t.Fatalf("%s is not a character device (mode %o)", path, st.Mode)
 	}
-	return unix.Major(uint64(st.Rdev)), unix.Minor(uint64(st.Rdev)), true
+	return unix.Major(st.Rdev), unix.Minor(st.Rdev), true
 }
 
 func TestNewKernel(t *testing.T) {

@@ -49,7 +49,7 @@ func (k *Kernel) Watch(ctx context.Context) error {
 	// A non-blocking descriptor goes to the runtime poller, so a read
 	// deadline can interrupt Read.
 	f := os.NewFile(uintptr(fd), "inotify")
-	defer f.Close()
+	defer f.Close() //nolint:errcheck // opened read-only
 	w := &watcher{k: k, fd: fd, wds: map[int32]watched{}}
 
 	if err := w.add(filepath.Join(k.root, "bus/pci"), watchBus, ""); err != nil {

@@ -238,7 +238,7 @@ func (s *suite) nodeModes(n int) {
 			continue
 		}
 		st := fi.Sys().(*syscall.Stat_t)
-		major, minor := uint64(st.Rdev>>8)&0xfff, uint64(st.Rdev&0xff)|uint64(st.Rdev>>12)&^0xff
+		major, minor := (st.Rdev>>8)&0xfff, (st.Rdev&0xff)|(st.Rdev>>12)&^0xff
 		switch {
 		case fi.Mode()&os.ModeCharDevice == 0 || fi.Mode().Perm() != c.perm || st.Uid != 0 || st.Gid != 0:
 			s.fail("kernel: %s is %v uid %d gid %d, want a character device %v owned by root", path, fi.Mode(), st.Uid, st.Gid, c.perm)

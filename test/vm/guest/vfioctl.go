@@ -108,11 +108,11 @@ func openContainer(devRoot string) (*container, error) {
 	v, err := ioctlInt(f.Fd(), vfioGetAPIVersion, 0)
 	if err != nil || v != vfioAPIVersion {
 		c.close()
-		return nil, fmt.Errorf("VFIO_GET_API_VERSION = %d, %v; want %d", v, err, vfioAPIVersion)
+		return nil, fmt.Errorf("VFIO_GET_API_VERSION = %d (%w); want %d", v, err, vfioAPIVersion)
 	}
 	if ok, err := ioctlInt(f.Fd(), vfioCheckExtension, vfioType1v2IOMMU); err != nil || ok != 1 {
 		c.close()
-		return nil, fmt.Errorf("VFIO_CHECK_EXTENSION(TYPE1v2) = %d, %v; want 1", ok, err)
+		return nil, fmt.Errorf("VFIO_CHECK_EXTENSION(TYPE1v2) = %d (%w); want 1", ok, err)
 	}
 	return c, nil
 }
