@@ -1,0 +1,156 @@
+package inspect_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	resourceapi "k8s.io/api/resource/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+)
+
+func server(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	if _, err := pcitest.NewServer(root); err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+func run(t *testing.T, o inspect.Options) (string, string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	err := inspect.Run(&out, &errOut, o)
+	return out.String(), errOut.String(), err
+}
+
+func TestTable(t *testing.T) {
+	out, _, err := run(t, inspect.Options{SysfsRoot: server(t), NodeName: "n", DriverName: "vfio.dra.dev", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != len(pcitest.Server())+1 {
+		t.Fatalf("got %d lines, want a header and one line per function:\n%s", len(lines), out)
+	}
+	for _, want := range []string{
+		"0000:01:00.0  10de:2204      030000  2 (2)        nvidia         0     pci-0000-01-00-0  offered",
+		"0000:00:02.0  1a03:2000      030000  3 (1)        ast            0     -                 not offered: boot VGA device",
+		"0000:00:14.0  8086:a1af      0c0330  -            xhci_hcd       -     -                 not offered: no IOMMU group",
+		"0000:84:00.0  10ee:903f      120000  27 (1)       -              1     pci-0000-84-00-0  offered",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestSlicesAsJSONAndYAML(t *testing.T) {
+	root := server(t)
+	config := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(config, []byte("apiVersion: vfio.dra.dev/v1alpha1\nkind: DriverConfiguration\nallow:\n- vendorID: \"19ee\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o := inspect.Options{SysfsRoot: root, NodeName: "worker-1", DriverName: "vfio.example.com", ConfigFile: config}
+	var lists []corev1.List
+	for _, format := range []string{inspect.FormatJSON, inspect.FormatYAML} {
+		o.Output = format
+		out, _, err := run(t, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list corev1.List
+		if err := yaml.UnmarshalStrict([]byte(out), &list); err != nil {
+			t.Fatalf("%s output is not a List: %v", format, err)
+		}
+		lists = append(lists, list)
+	}
+	if len(lists[0].Items) != 1 || string(lists[0].Items[0].Raw) == "" {
+		t.Fatalf("want one slice, got %+v", lists[0])
+	}
+	if lists[0].APIVersion != "v1" || lists[0].Kind != "List" {
+		t.Errorf("list type = %s/%s", lists[0].APIVersion, lists[0].Kind)
+	}
+	var fromJSON, fromYAML resourceapi.ResourceSlice
+	if err := json.Unmarshal(lists[0].Items[0].Raw, &fromJSON); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(lists[1].Items[0].Raw, &fromYAML); err != nil {
+		t.Fatal(err)
+	}
+	if fromJSON.Kind != "ResourceSlice" || fromJSON.APIVersion != "resource.k8s.io/v1" {
+		t.Errorf("item type = %s/%s", fromJSON.APIVersion, fromJSON.Kind)
+	}
+	s := fromJSON.Spec
+	if s.Driver != "vfio.example.com" || *s.NodeName != "worker-1" || s.Pool.Name != "worker-1" || s.Pool.ResourceSliceCount != 1 {
+		t.Errorf("slice spec header wrong: %+v", s)
+	}
+	if len(s.Devices) != 1 || s.Devices[0].Name != "pci-0000-82-00-0" {
+		t.Errorf("devices = %+v, want only the 19ee SmartNIC", s.Devices)
+	}
+	if fromJSON.GenerateName != "00000-vfio.example.com-worker-1-" {
+		t.Errorf("generateName = %q", fromJSON.GenerateName)
+	}
+	j, _ := json.Marshal(fromJSON)
+	y, _ := json.Marshal(fromYAML)
+	if !bytes.Equal(j, y) {
+		t.Errorf("json and yaml output differ:\n%s\n%s", j, y)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	root := server(t)
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte("apiVersion: vfio.dra.dev/v1alpha1\nkind: DriverConfiguration\nallow:\n- vendor: x\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := map[string]struct {
+		o    inspect.Options
+		want []string
+	}{
+		"unknown format":   {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "xml"}, []string{`"xml"`}},
+		"no node":          {inspect.Options{SysfsRoot: root, Output: "table"}, []string{"node name"}},
+		"missing sysfs":    {inspect.Options{SysfsRoot: filepath.Join(root, "nope"), NodeName: "n", Output: "table"}, []string{"nope"}},
+		"malformed config": {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "table", ConfigFile: bad}, []string{bad, "allow[0].vendor"}},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			_, _, err := run(t, tc.o)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestUnreadableDeviceIsReported(t *testing.T) {
+	root := server(t)
+	tree := pcitest.Open(root)
+	dir, err := tree.DevicePath("0000:82:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, dir, "vendor"), []byte("garbage\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := run(t, inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(errOut, "0000:82:00.0") || strings.Contains(out, "0000:82:00.0") {
+		t.Errorf("want the unreadable device on stderr only; stdout:\n%s\nstderr:\n%s", out, errOut)
+	}
+}
