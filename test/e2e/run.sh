@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the end-to-end tests against a real control plane: build etcd, kube-apiserver,
+# kube-scheduler, kube-controller-manager and kubectl if needed (the first build takes
+# about 10 minutes), then run the tests of the test/e2e module.
+#
+# Environment:
+#   VFIO_E2E_BIN_DIR         where the control-plane binaries live (default bin/control-plane)
+#   VFIO_E2E_DRIVER_BIN_DIR  where "make build" put the driver's binaries (default bin)
+#   GO_TEST_FLAGS            extra flags for go test, e.g. "-run TestControlPlane"
+set -o errexit -o nounset -o pipefail
+
+E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "${E2E_DIR}/../.." && pwd)"
+export VFIO_E2E_BIN_DIR="${VFIO_E2E_BIN_DIR:-${REPO_ROOT}/bin/control-plane}"
+export VFIO_E2E_DRIVER_BIN_DIR="${VFIO_E2E_DRIVER_BIN_DIR:-${REPO_ROOT}/bin}"
+GO="${GO:-go}"
+
+"${E2E_DIR}/hack/build-control-plane.sh"
+
+cd "${E2E_DIR}"
+# shellcheck disable=SC2086 # GO_TEST_FLAGS is a list of flags.
+exec "${GO}" test -count=1 -v -timeout 30m ${GO_TEST_FLAGS:-} ./...
