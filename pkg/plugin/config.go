@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
 // DefaultDriverName is the DRA driver name unless a flag changes it.
@@ -51,6 +52,14 @@ type Config struct {
 	// RescanInterval is how often sysfs is read again; the slices are only
 	// published again when the result changed.
 	RescanInterval time.Duration
+
+	// SysfsWriter writes the sysfs driver files (driver_override, unbind,
+	// drivers_probe); nil writes the files under SysfsRoot directly
+	// (vfio.OSWriter). Tests put a kernel emulator here.
+	SysfsWriter vfio.Writer
+	// BindTimeout bounds each wait for sysfs or /dev to show the effect of
+	// a write; zero selects the vfio package's default.
+	BindTimeout time.Duration
 }
 
 // Validate reports every missing or malformed setting at once.

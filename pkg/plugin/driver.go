@@ -69,7 +69,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	d := &Driver{
 		cfg:    cfg,
 		fs:     fs,
-		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{}),
+		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
 		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:    cdi,
 		fatal:  make(chan error, 1),

@@ -2,6 +2,8 @@ package plugin
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 
 	resourceapi "k8s.io/api/resource/v1"
@@ -77,6 +79,13 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		target, err := d.target(cfg, addr)
 		if err != nil {
 			return nil, fmt.Errorf("device %s: %w", r.Device, err)
+		}
+		// Checked before any binding: nothing on the host moves for a
+		// claim that cannot get its device nodes.
+		if cfg.IOMMUFD != nil && *cfg.IOMMUFD {
+			if _, err := os.Stat(filepath.Join(d.cfg.DevRoot, "iommu")); err != nil {
+				return nil, fmt.Errorf("device %s: iommufd requested, but the kernel has no /dev/iommu: %w", r.Device, err)
+			}
 		}
 		i := slices.IndexFunc(p.Groups, func(g checkpoint.Group) bool { return g.Number == group })
 		if i < 0 {

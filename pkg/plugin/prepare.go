@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/dynamic-resource-allocation/deviceattribute"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/dynamic-resource-allocation/resourceclaim"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
@@ -125,7 +126,7 @@ func (d *Driver) apply(ctx context.Context, uid string, p *checkpoint.Claim) ([]
 			if errors.As(err, &step) && step.Address != "" {
 				return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)
 			}
-			return nil, "", fmt.Errorf("IOMMU group %d: %w", g.Number, err)
+			return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", devicesOfGroup(p, g.Number), g.Number, err)
 		}
 		logger.V(2).Info("Bound IOMMU group", "iommuGroup", g.Number, "driver", g.Target, "functions", len(g.Members))
 	}
@@ -175,7 +176,9 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 	}
 	for _, dev := range p.Devices {
 		spec.Devices = append(spec.Devices, cdispec.Device{
-			Request: dev.Requests[0], Name: dev.Device, PCIAddress: dev.PCIAddress, Group: byGroup[dev.IOMMUGroup],
+			// The container knows the request, not the subrequest that
+			// a prioritized list picked.
+			Request: resourceclaim.BaseRequestRef(dev.Requests[0]), Name: dev.Device, PCIAddress: dev.PCIAddress, Group: byGroup[dev.IOMMUGroup],
 		})
 	}
 	specName, ids, err := d.cdi.WriteClaim(spec)
@@ -235,6 +238,17 @@ func deviceOf(c *checkpoint.Claim, addr string) string {
 	return addr
 }
 
+// devicesOfGroup names the allocated devices of a claim in an IOMMU group.
+func devicesOfGroup(c *checkpoint.Claim, group int) string {
+	var names []string
+	for _, dev := range c.Devices {
+		if dev.IOMMUGroup == group {
+			names = append(names, dev.Device)
+		}
+	}
+	return strings.Join(names, ", ")
+}
+
 // unprepareClaim undoes a prepared or half-prepared claim.
 func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
 	logger := klog.FromContext(ctx)
@@ -251,7 +265,9 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
 	}
 	var errs []error
 	for _, g := range slices.Backward(c.Groups) {
-		if !g.Restore {
+		// restoreDriver false keeps a group on vfio once a claim got it;
+		// a prepare that did not complete is rolled back all the same.
+		if !g.Restore && c.State == checkpoint.PrepareCompleted {
 			logger.V(2).Info("Leaving IOMMU group on its vfio driver, as configured", "iommuGroup", g.Number, "driver", g.Target)
 			continue
 		}
