@@ -9,6 +9,7 @@ import (
 	"maps"
 	"path"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -116,8 +117,8 @@ func Spec(driverName string, c Claim) (*specs.Spec, map[string][]string, error) 
 	if err := parser.ValidateVendorName(vendor); err != nil {
 		return nil, nil, fmt.Errorf("driver name %q: %w", driverName, err)
 	}
-	if c.UID == "" {
-		return nil, nil, errors.New("claim has no UID")
+	if err := validUID(c.UID); err != nil {
+		return nil, nil, err
 	}
 	if len(c.Devices) == 0 {
 		return nil, nil, fmt.Errorf("claim %s has no devices", c.UID)
@@ -334,12 +335,26 @@ func (w *Writer) WriteClaim(c Claim) (specName string, ids map[string][]string, 
 
 // RemoveClaim removes the claim's spec; a missing spec is not an error.
 func (w *Writer) RemoveClaim(claimUID string) error {
-	if claimUID == "" {
-		return errors.New("remove CDI spec: claim has no UID")
+	if err := validUID(claimUID); err != nil {
+		return fmt.Errorf("remove CDI spec: %w", err)
 	}
 	name := SpecFileName(w.driverName, claimUID)
 	if err := w.cache.RemoveSpec(name); err != nil {
 		return fmt.Errorf("remove CDI spec %s: %w", filepath.Join(w.dir, name), err)
+	}
+	return nil
+}
+
+// uidPattern is what a claim UID may look like here: it becomes part of a
+// file name, so nothing that could leave the spec directory.
+var uidPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+func validUID(uid string) error {
+	if uid == "" {
+		return errors.New("claim has no UID")
+	}
+	if !uidPattern.MatchString(uid) {
+		return fmt.Errorf("claim UID %q is not a UID", uid)
 	}
 	return nil
 }

@@ -613,3 +613,19 @@ func TestNewWriterErrors(t *testing.T) {
 	}
 	assertFiles(t, dir)
 }
+
+func TestUIDCannotLeaveTheSpecDir(t *testing.T) {
+	dir := t.TempDir()
+	w, err := NewWriter(dir, "vfio.dra.dev")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, uid := range []string{"../../etc/x", "a/b", "", ".hidden"} {
+		if err := w.RemoveClaim(uid); err == nil {
+			t.Errorf("RemoveClaim(%q) succeeded", uid)
+		}
+		if _, _, err := w.WriteClaim(Claim{UID: uid, HostDevRoot: "/dev"}); err == nil {
+			t.Errorf("WriteClaim(%q) succeeded", uid)
+		}
+	}
+}
