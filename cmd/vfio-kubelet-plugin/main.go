@@ -24,7 +24,8 @@ import (
 )
 
 func main() {
-	os.Exit(cli.Run(newCommand()))
+	cmd, _ := newCommand()
+	os.Exit(cli.Run(cmd))
 }
 
 type options struct {
@@ -34,8 +35,9 @@ type options struct {
 	logging    *logsapi.LoggingConfiguration
 }
 
-func newCommand() *cobra.Command {
-	o := options{
+// newCommand returns the command and the options its flags fill in.
+func newCommand() (*cobra.Command, *options) {
+	o := &options{
 		cfg: plugin.Config{
 			DriverName:     plugin.DefaultDriverName,
 			NodeName:       os.Getenv("NODE_NAME"),
@@ -90,7 +92,7 @@ func newCommand() *cobra.Command {
 	}
 	cols, _, _ := term.TerminalSize(cmd.OutOrStdout())
 	cliflag.SetUsageAndHelpFunc(cmd, fss, cols)
-	return cmd
+	return cmd, o
 }
 
 // modulesAlias is the running kernel's modules.alias.
