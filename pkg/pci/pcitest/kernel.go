@@ -35,13 +35,37 @@ const (
 	OpProbe          = "probe"
 )
 
-// Kernel emulates what Linux does when user space writes the PCI driver
-// files of a sysfs tree laid out by Tree: driver_override, the drivers'
-// bind and unbind files and bus/pci/drivers_probe. Binding moves the driver
-// links; binding to a VFIO driver ("vfio-pci" or "*_vfio_pci") creates
-// <devRoot>/vfio/<group> while a member of the group is bound to VFIO, and
-// an iommufd node <devRoot>/vfio/devices/vfioN with its sysfs directory
-// <device>/vfio-dev/vfioN.
+// pageSize is the sysfs buffer size: kernfs hands a store callback at most
+// this many bytes of one write.
+const pageSize = 4096
+
+// KernelOptions selects kernel behaviour that depends on the version or the
+// configuration. The zero value is a 6.1 to 6.5 kernel (5.19 or later);
+// NewKernel uses DefaultKernelOptions.
+type KernelOptions struct {
+	// DeviceCDev is CONFIG_VFIO_DEVICE_CDEV (Linux 6.6 and later): a
+	// function bound to VFIO gets <device>/vfio-dev/vfioN with a dev
+	// attribute and the node <devRoot>/vfio/devices/vfioN. Without it
+	// (6.1 to 6.5) vfio-dev/vfioN still exists but holds no dev attribute
+	// and its uevent is empty, and no node is made.
+	DeviceCDev bool
+}
+
+// DefaultKernelOptions is what NewKernel emulates: a 6.6 or later kernel
+// with VFIO_DEVICE_CDEV.
+func DefaultKernelOptions() KernelOptions { return KernelOptions{DeviceCDev: true} }
+
+// Kernel emulates what Linux (5.19 or later) does when user space writes
+// the PCI driver files of a sysfs tree laid out by Tree: driver_override,
+// the drivers' bind and unbind files and bus/pci/drivers_probe. Binding
+// moves the driver links; binding to a VFIO driver ("vfio-pci" or
+// "*_vfio_pci") creates <devRoot>/vfio/<group> while a member of the group
+// is bound to VFIO, and the sysfs directory <device>/vfio-dev/vfioN, with
+// the iommufd node <devRoot>/vfio/devices/vfioN when KernelOptions.DeviceCDev
+// is set. SetGroupOwned models user space holding a group (DMA ownership).
+//
+// test/vm/README.md lists the real kernel's behaviour this follows and what
+// is not modelled.
 //
 // WriteFile applies a write synchronously (use the Kernel as the Binder's
 // Writer); Watch applies writes that other processes make to the files.
@@ -50,24 +74,32 @@ type Kernel struct {
 	fs       *pci.FS
 	root     string // sysfs root with symlinks resolved
 	devRoot  string
+	opts     KernelOptions
 	ready    chan struct{}
 	onceMark sync.Once
 
 	mu     sync.Mutex
 	native map[string]string
 	fail   map[failKey]error
+	owned  map[int]bool // groups user space holds with a container set
 	writes []string
 	errs   []error
 }
 
 type failKey struct{ op, addr string }
 
-// NewKernel returns a Kernel for the tree at sysfsRoot. Each function's
-// native driver, the one drivers_probe picks without an override, is its
-// current driver unless that is a VFIO driver (see SetNative). It creates
-// <devRoot>/vfio/vfio and the nodes of functions already bound to VFIO.
-// Device nodes are made with mknod, which needs CAP_MKNOD.
+// NewKernel returns a Kernel with DefaultKernelOptions for the tree at
+// sysfsRoot. Each function's native driver, the one drivers_probe picks
+// without an override, is its current driver unless that is a VFIO driver
+// (see SetNative). It creates <devRoot>/vfio/vfio and the nodes of
+// functions already bound to VFIO. Device nodes are made with mknod, which
+// needs CAP_MKNOD.
 func NewKernel(sysfsRoot, devRoot string) (*Kernel, error) {
+	return NewKernelWithOptions(sysfsRoot, devRoot, DefaultKernelOptions())
+}
+
+// NewKernelWithOptions is NewKernel for the kernel that opts describe.
+func NewKernelWithOptions(sysfsRoot, devRoot string, opts KernelOptions) (*Kernel, error) {
 	root, err := filepath.EvalSymlinks(sysfsRoot)
 	if err != nil {
 		return nil, fmt.Errorf("sysfs root: %w", err)
@@ -81,9 +113,11 @@ func NewKernel(sysfsRoot, devRoot string) (*Kernel, error) {
 		fs:      pfs,
 		root:    root,
 		devRoot: devRoot,
+		opts:    opts,
 		ready:   make(chan struct{}),
 		native:  map[string]string{},
 		fail:    map[failKey]error{},
+		owned:   map[int]bool{},
 	}
 	if err := os.MkdirAll(filepath.Join(devRoot, "vfio"), 0o755); err != nil {
 		return nil, err
@@ -124,6 +158,66 @@ func (k *Kernel) SetNative(addr, driver string) {
 	k.native[addr] = driver
 }
 
+// SetGroupOwned models user space taking (owned true) or dropping (false)
+// DMA ownership of an IOMMU group: opening /dev/vfio/<group> and setting a
+// container on it, as a VMM does, or closing the fds again. While a group
+// is owned, a driver that uses the kernel's DMA API cannot bind to a member:
+// drivers_probe fails with EINVAL and a host driver's bind with EBUSY, and
+// the device stays driverless. VFIO drivers, pci-stub and pcieport manage
+// DMA themselves and still bind. The kernel drops the ownership itself when
+// the last member leaves VFIO and the group node goes; so does the Kernel.
+// Device fds are not modelled: unbinding a member from VFIO succeeds while
+// the group is owned, as on Linux while no fd of that device is open.
+//
+// Taking ownership fails as Linux fails it: ENOENT without the group node
+// (no member bound to VFIO), EBUSY when the group is owned already (a
+// second open of the node), and EPERM while a member is bound to a driver
+// that uses the kernel's DMA API (VFIO_GROUP_SET_CONTAINER on a group that
+// is not viable). Dropping ownership never fails.
+func (k *Kernel) SetGroupOwned(group int, owned bool) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !owned {
+		delete(k.owned, group)
+		return nil
+	}
+	node := k.groupNode(group)
+	if _, err := os.Lstat(node); err != nil {
+		return &fs.PathError{Op: "open", Path: node, Err: syscall.ENOENT}
+	}
+	if k.owned[group] {
+		return &fs.PathError{Op: "open", Path: node, Err: syscall.EBUSY}
+	}
+	members, err := k.fs.IOMMUGroupMembers(group)
+	if err != nil {
+		return err
+	}
+	for _, m := range members {
+		drv, err := k.fs.CurrentDriver(m)
+		if err != nil {
+			return err
+		}
+		if drv != "" && !managesDMA(drv) {
+			return fmt.Errorf("VFIO_GROUP_SET_CONTAINER on group %d: %s is bound to %s: %w", group, m, drv, syscall.EPERM)
+		}
+	}
+	k.owned[group] = true
+	return nil
+}
+
+// GroupOwned reports whether user space owns the group (SetGroupOwned).
+func (k *Kernel) GroupOwned(group int) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.owned[group]
+}
+
+// managesDMA reports whether a driver sets driver_managed_dma, so that
+// binding it leaves a group's DMA ownership alone.
+func managesDMA(driver string) bool {
+	return IsVFIODriver(driver) || driver == "pci-stub" || driver == "pcieport"
+}
+
 // FailNext makes the next op ("driver_override", "unbind", "bind" or
 // "probe") for addr fail with err and change nothing.
 func (k *Kernel) FailNext(op, addr string, err error) {
@@ -134,7 +228,9 @@ func (k *Kernel) FailNext(op, addr string, err error) {
 
 // Writes returns the log of writes, failed ones included, in order:
 // "driver_override ADDR VALUE" (VALUE "(null)" when cleared),
-// "unbind ADDR DRIVER", "bind ADDR DRIVER" and "probe ADDR".
+// "unbind ADDR DRIVER", "bind ADDR DRIVER" and "probe ADDR". A zero-length
+// write, which Linux ignores, shows "" for VALUE or ADDR. Watch does not log
+// zero-length writes to bind, unbind and drivers_probe.
 func (k *Kernel) Writes() []string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -194,6 +290,19 @@ func (k *Kernel) classify(path string) (op, arg string, err error) {
 
 // apply runs one write; k.mu is held.
 func (k *Kernel) apply(op, arg string, data []byte) error {
+	if len(data) == 0 {
+		// sysfs never calls the store callback for a zero-length write
+		// and reports success; only "\n" clears driver_override.
+		switch op {
+		case OpDriverOverride:
+			k.logf("driver_override %s \"\"", arg)
+		case OpProbe:
+			k.logf("probe \"\"")
+		default:
+			k.logf("%s \"\" %s", op, arg)
+		}
+		return nil
+	}
 	switch op {
 	case OpDriverOverride:
 		value := overrideValue(data)
@@ -204,9 +313,10 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 		if _, err := k.lookup(arg); err != nil {
 			return err
 		}
-		if len(data) == 0 {
-			// Linux ignores a zero-length write; only "\n" clears.
-			return nil
+		if len(data) >= pageSize-1 {
+			// The override, its newline and the NUL must fit the page
+			// that show fills.
+			return syscall.EINVAL
 		}
 		return k.writeOverride(arg, value)
 	case OpUnbind:
@@ -251,6 +361,8 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 		if cur != "" {
 			return syscall.EBUSY
 		}
+		// bind passes the error of the driver core's probe on: EBUSY
+		// from a DMA ownership conflict, EINVAL from vfio-pci.
 		return k.attach(a, arg)
 	case OpProbe:
 		addr := busName(data)
@@ -270,7 +382,8 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 // probe binds an unbound device to the first matching loaded driver: the
 // override when one is set (and no other driver then), else the native
 // driver. No match leaves the device unbound and is no error, and neither
-// is a failing probe (vfio-pci without an IOMMU group).
+// is a failing probe (vfio-pci without an IOMMU group). A DMA ownership
+// conflict is: drivers_probe turns every error into EINVAL.
 func (k *Kernel) probe(a pci.Address) error {
 	cur, err := k.fs.CurrentDriver(a)
 	if err != nil || cur != "" {
@@ -287,10 +400,14 @@ func (k *Kernel) probe(a pci.Address) error {
 	if driver == "" || !k.fs.DriverLoaded(driver) {
 		return nil
 	}
-	if err := k.attach(a, driver); err != nil && !errors.Is(err, syscall.EINVAL) {
-		return err
+	err = k.attach(a, driver)
+	switch {
+	case errors.Is(err, syscall.EBUSY):
+		return syscall.EINVAL
+	case errors.Is(err, syscall.EINVAL):
+		return nil
 	}
-	return nil
+	return err
 }
 
 // matches is the PCI core's match: an override matches only the driver it
@@ -306,17 +423,19 @@ func (k *Kernel) matches(a pci.Address, driver string) (bool, error) {
 	return driver == k.native[a.String()], nil
 }
 
-// attach binds addr to driver. vfio-pci refuses a device without an IOMMU
-// group (EINVAL, the device stays unbound).
+// attach binds addr to driver. A driver that uses the kernel's DMA API
+// cannot bind while user space owns the group (EBUSY), and vfio-pci refuses
+// a device without an IOMMU group (EINVAL); the device stays unbound.
 func (k *Kernel) attach(a pci.Address, driver string) error {
-	if IsVFIODriver(driver) {
-		d, err := k.fs.Device(a)
-		if err != nil {
-			return err
-		}
-		if d.IOMMUGroup == nil {
-			return syscall.EINVAL
-		}
+	d, err := k.fs.Device(a)
+	if err != nil {
+		return err
+	}
+	if d.IOMMUGroup != nil && k.owned[*d.IOMMUGroup] && !managesDMA(driver) {
+		return syscall.EBUSY
+	}
+	if IsVFIODriver(driver) && d.IOMMUGroup == nil {
+		return syscall.EINVAL
 	}
 	// The driver's probe runs before the driver core links the device, so
 	// VFIO nodes exist by the time the driver link appears.
@@ -365,19 +484,28 @@ func (k *Kernel) vfioAttached(a pci.Address) error {
 	if err != nil {
 		return err
 	}
+	// The class device: device, power, subsystem (left out here) and
+	// uevent; dev and a non-empty uevent only with a character device.
 	name := "vfio" + strconv.Itoa(n)
 	dir := k.fs.Path(d.Path, "vfio-dev", name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, "power"), 0o755); err != nil {
 		return err
 	}
-	files := map[string]string{
-		"dev":    fmt.Sprintf("%d:%d\n", vfioDeviceMajor, n),
-		"uevent": fmt.Sprintf("MAJOR=%d\nMINOR=%d\nDEVNAME=vfio/devices/%s\n", vfioDeviceMajor, n, name),
+	if err := os.Symlink("../..", filepath.Join(dir, "device")); err != nil {
+		return err
+	}
+	files := map[string]string{"uevent": ""}
+	if k.opts.DeviceCDev {
+		files["dev"] = fmt.Sprintf("%d:%d\n", vfioDeviceMajor, n)
+		files["uevent"] = fmt.Sprintf("MAJOR=%d\nMINOR=%d\nDEVNAME=vfio/devices/%s\n", vfioDeviceMajor, n, name)
 	}
 	for f, content := range files {
 		if err := os.WriteFile(filepath.Join(dir, f), []byte(content), 0o644); err != nil {
 			return err
 		}
+	}
+	if !k.opts.DeviceCDev {
+		return nil
 	}
 	if err := os.MkdirAll(filepath.Join(k.devRoot, "vfio", "devices"), 0o755); err != nil {
 		return err
@@ -386,7 +514,8 @@ func (k *Kernel) vfioAttached(a pci.Address) error {
 }
 
 // vfioDetached removes the iommufd device of addr, and the group node when
-// no member of the group is bound to VFIO any more.
+// no member of the group is bound to VFIO any more. With the node goes the
+// group's DMA ownership: Linux detaches the container then.
 func (k *Kernel) vfioDetached(a pci.Address) error {
 	d, err := k.fs.Device(a)
 	if err != nil {
@@ -421,6 +550,7 @@ func (k *Kernel) vfioDetached(a pci.Address) error {
 			return nil
 		}
 	}
+	delete(k.owned, *d.IOMMUGroup)
 	return removeIfExists(k.groupNode(*d.IOMMUGroup))
 }
 
@@ -428,15 +558,16 @@ func (k *Kernel) groupNode(group int) string {
 	return filepath.Join(k.devRoot, "vfio", strconv.Itoa(group))
 }
 
-// freeCDev returns the lowest iommufd device number not in use.
+// freeCDev returns the lowest VFIO device number that no vfio-dev/vfioN
+// directory uses.
 func (k *Kernel) freeCDev() (int, error) {
-	entries, err := os.ReadDir(filepath.Join(k.devRoot, "vfio", "devices"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	dirs, err := filepath.Glob(filepath.Join(k.root, pci.BusDevicesDir, "*", "vfio-dev", "vfio*"))
+	if err != nil {
 		return 0, err
 	}
 	used := map[int]bool{}
-	for _, e := range entries {
-		if n, err := strconv.Atoi(strings.TrimPrefix(e.Name(), "vfio")); err == nil {
+	for _, dir := range dirs {
+		if n, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(dir), "vfio")); err == nil {
 			used[n] = true
 		}
 	}
@@ -464,16 +595,21 @@ func (k *Kernel) override(a pci.Address) (string, error) {
 	return pci.ReadDriverOverride(k.fs.DevicePath(a, "driver_override"))
 }
 
-// writeOverride stores the override as the kernel shows it. It replaces the
-// file by a rename, so that Watch sees no write event of its own.
+// writeOverride stores the override as the kernel shows it.
 func (k *Kernel) writeOverride(addr, value string) error {
+	return k.replaceOverrideFile(addr, []byte(showOverride(value)+"\n"))
+}
+
+// replaceOverrideFile replaces driver_override of addr by a rename, so that
+// Watch sees no write event of its own.
+func (k *Kernel) replaceOverrideFile(addr string, content []byte) error {
 	file := k.fs.Path(pci.BusDevicesDir, addr, "driver_override")
 	dir, err := filepath.EvalSymlinks(filepath.Dir(file))
 	if err != nil {
 		return err
 	}
 	tmp := filepath.Join(dir, ".driver_override.new")
-	if err := os.WriteFile(tmp, []byte(showOverride(value)+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(tmp, content, 0o644); err != nil {
 		return err
 	}
 	return os.Rename(tmp, filepath.Join(dir, "driver_override"))
@@ -511,9 +647,11 @@ func showOverride(value string) string {
 }
 
 // busName is the device name written to bind, unbind or drivers_probe; the
-// kernel compares it with sysfs_streq, which ignores one trailing newline.
+// kernel compares it with sysfs_streq, which stops at a NUL and ignores one
+// trailing newline.
 func busName(data []byte) string {
-	return strings.TrimSuffix(string(data), "\n")
+	s, _, _ := strings.Cut(string(data), "\x00")
+	return strings.TrimSuffix(s, "\n")
 }
 
 // mknodChar creates a character device node unless the path exists.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
 // Two NICs sharing group 3 behind a conventional PCI bridge, one NIC alone
@@ -38,6 +40,11 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
+	return newFixtureWith(t, pcitest.DefaultKernelOptions())
+}
+
+func newFixtureWith(t *testing.T, opts pcitest.KernelOptions) *fixture {
+	t.Helper()
 	dir := t.TempDir()
 	tree, err := pcitest.New(filepath.Join(dir, "sys"))
 	if err != nil {
@@ -59,7 +66,7 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	dev := filepath.Join(dir, "dev")
-	k, err := pcitest.NewKernel(tree.Root, dev)
+	k, err := pcitest.NewKernelWithOptions(tree.Root, dev, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +156,8 @@ func TestDriverOverride(t *testing.T) {
 		{"vfio-pci\n", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 		{"vfio-pci\nrest", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 		{"\n", "(null)\n", "driver_override 0000:00:19.0 (null)"},
-		{"", "e1000e\n", "driver_override 0000:00:19.0 (null)"}, // ignored, as Linux does
+		{"", "e1000e\n", `driver_override 0000:00:19.0 ""`}, // ignored, as Linux does
+		{"\nvfio-pci", "(null)\n", "driver_override 0000:00:19.0 (null)"},
 		{"vfio-pci\x00\x00", "vfio-pci\n", "driver_override 0000:00:19.0 vfio-pci"},
 	}
 	for _, tt := range tests {
@@ -206,6 +214,12 @@ func TestWriteErrors(t *testing.T) {
 				mustWrite(t, f, f.driverFile("xhci_hcd", "unbind"), noMMU)
 			},
 			path: func(f *fixture) string { return f.driverFile("vfio-pci", "bind") }, data: noMMU, want: syscall.EINVAL},
+		{name: "unbind with two newlines",
+			path: func(f *fixture) string { return f.driverFile("e1000", "unbind") }, data: nicA + "\n\n", want: syscall.ENODEV},
+		{name: "driver_override of a page less one byte",
+			path: func(f *fixture) string { return f.overrideFile(nicC) }, data: strings.Repeat("x", 4095), want: syscall.EINVAL},
+		{name: "driver_override longer than a page",
+			path: func(f *fixture) string { return f.overrideFile(nicC) }, data: strings.Repeat("x", 5000), want: syscall.EINVAL},
 		{name: "probe of an unknown device",
 			path: func(f *fixture) string { return f.probeFile() }, data: "0000:7f:00.0", want: syscall.ENODEV},
 		{name: "override of a device that is not there",
@@ -511,6 +525,27 @@ func TestWatch(t *testing.T) {
 		t.Errorf("errors %v, want one ENODEV", errs)
 	}
 
+	// The writer truncated driver_override; the kernel would have kept
+	// the override, so the emulator puts it back: after a zero-length
+	// write, and after a failed one.
+	writeOS(t, f.overrideFile(nicA), "")
+	eventually(t, "the zero-length write", func() bool {
+		w := f.k.Writes()
+		return w[len(w)-1] == `driver_override 0000:03:01.0 ""`
+	})
+	if data, err := os.ReadFile(f.overrideFile(nicA)); err != nil || string(data) != "igb\n" {
+		t.Errorf("driver_override after a zero-length write: %q %v, want igb", data, err)
+	}
+	f.k.FailNext(pcitest.OpDriverOverride, nicA, syscall.ENOMEM)
+	writeOS(t, f.overrideFile(nicA), "vfio-pci")
+	eventually(t, "the ENOMEM", func() bool { return len(f.k.Errors()) > 1 })
+	if data, err := os.ReadFile(f.overrideFile(nicA)); err != nil || string(data) != "igb\n" {
+		t.Errorf("driver_override after a failed write: %q %v, want igb", data, err)
+	}
+	if errs := f.k.Errors(); len(errs) != 2 || !errors.Is(errs[1], syscall.ENOMEM) {
+		t.Errorf("errors %v, want ENODEV and ENOMEM", errs)
+	}
+
 	cancel()
 	select {
 	case err := <-done:
@@ -530,8 +565,336 @@ func TestWatch(t *testing.T) {
 		"driver_override 0000:03:01.0 igb",
 		"bind 0000:03:01.0 igb",
 		"unbind 0000:00:19.0 e1000",
+		`driver_override 0000:03:01.0 ""`,
+		"driver_override 0000:03:01.0 vfio-pci",
 	}
 	if diff := cmp.Diff(want, f.k.Writes()); diff != "" {
 		t.Errorf("writes (-want +got):\n%s", diff)
+	}
+}
+
+func TestOverrideLimit(t *testing.T) {
+	f := newFixture(t)
+	long := strings.Repeat("x", 4094) // with "\n" and the NUL, the page is full
+	mustWrite(t, f, f.overrideFile(nicC), long)
+	if got, err := os.ReadFile(f.overrideFile(nicC)); err != nil || string(got) != long+"\n" {
+		t.Errorf("driver_override holds %d bytes (%v), want the %d written and a newline", len(got), err, len(long))
+	}
+	if err := f.write(t, f.overrideFile(nicC), long+"x"); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("one byte more: %v, want EINVAL", err)
+	}
+}
+
+// TestZeroLengthWrites: sysfs ignores a write of no bytes to any of the
+// files and reports success.
+func TestZeroLengthWrites(t *testing.T) {
+	f := newFixture(t)
+	mustWrite(t, f, f.overrideFile(nicA), "vfio-pci")
+	mustWrite(t, f, f.driverFile("e1000", "unbind"), nicB)
+	f.k.FailNext(pcitest.OpDriverOverride, nicA, syscall.ENOMEM)
+	before := snapshotTree(t, f.tree.Root)
+	from := len(f.k.Writes())
+	for _, path := range []string{
+		f.overrideFile(nicA),
+		f.driverFile("e1000", "unbind"),
+		f.driverFile("e1000", "bind"),
+		f.driverFile("vfio-pci", "bind"),
+		f.probeFile(),
+	} {
+		if err := f.write(t, path, ""); err != nil {
+			t.Errorf("zero-length write to %s: %v", path, err)
+		}
+	}
+	if diff := cmp.Diff(before, snapshotTree(t, f.tree.Root)); diff != "" {
+		t.Errorf("zero-length writes changed the tree (-before +after):\n%s", diff)
+	}
+	want := []string{
+		`driver_override 0000:03:01.0 ""`,
+		`unbind "" e1000`,
+		`bind "" e1000`,
+		`bind "" vfio-pci`,
+		`probe ""`,
+	}
+	if diff := cmp.Diff(want, f.k.Writes()[from:]); diff != "" {
+		t.Errorf("writes (-want +got):\n%s", diff)
+	}
+	// The store callback never ran, so the injected failure is still due.
+	if err := f.write(t, f.overrideFile(nicA), "\n"); !errors.Is(err, syscall.ENOMEM) {
+		t.Errorf("first non-empty write after FailNext: %v, want ENOMEM", err)
+	}
+}
+
+// TestDeviceName: the device name written to unbind, bind and drivers_probe
+// ends at a NUL, and one trailing newline is ignored.
+func TestDeviceName(t *testing.T) {
+	f := newFixture(t)
+	mustWrite(t, f, f.driverFile("e1000", "unbind"), nicA+"\x00junk")
+	if d := f.driver(t, nicA); d != "" {
+		t.Fatalf("driver %q after unbind of %q", d, nicA+`\0junk`)
+	}
+	mustWrite(t, f, f.probeFile(), nicA+"\n\x00")
+	if d := f.driver(t, nicA); d != "e1000" {
+		t.Fatalf("driver %q after probe, want e1000", d)
+	}
+}
+
+// vfioDevDir lists <device>/vfio-dev: the class device names, or nil.
+func (f *fixture) vfioDevDir(t *testing.T, addr string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(f.tree.Root, pci.BusDevicesDir, addr, "vfio-dev"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestDeviceCDevOption: Linux 6.6+ (DeviceCDev) against 6.1 to 6.5. Both
+// create the class device vfio-dev/vfioN; only 6.6+ gives it a dev
+// attribute and /dev/vfio/devices/vfioN.
+func TestDeviceCDevOption(t *testing.T) {
+	tests := []struct {
+		name     string
+		opts     pcitest.KernelOptions
+		files    []string // of vfio-dev/vfio1
+		uevent   string
+		cdev     string // what vfio.Binder.DeviceCDev says
+		devNodes bool
+	}{
+		{name: "6.6 with VFIO_DEVICE_CDEV", opts: pcitest.KernelOptions{DeviceCDev: true},
+			files:  []string{"dev", "device", "power", "uevent"},
+			uevent: "MAJOR=237\nMINOR=1\nDEVNAME=vfio/devices/vfio1\n", cdev: "vfio1", devNodes: true},
+		{name: "6.1", opts: pcitest.KernelOptions{},
+			files: []string{"device", "power", "uevent"}, uevent: "", cdev: ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixtureWith(t, tt.opts)
+			b := vfio.NewBinder(f.fs, f.dev, vfio.Options{Writer: f.k, Timeout: time.Second, PollInterval: time.Millisecond})
+			eps := []pci.Address{mustAddr(t, nicA), mustAddr(t, nicB)}
+			originals, err := b.Snapshot(eps)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Bind(t.Context(), 3, originals, "vfio-pci"); err != nil {
+				t.Fatalf("Bind: %v", err)
+			}
+			if _, _, ok := charDev(t, filepath.Join(f.dev, "vfio", "3")); !ok {
+				t.Error("/dev/vfio/3 missing after Bind")
+			}
+			// vfio0 is the function bound at start.
+			for addr, name := range map[string]string{onVFIO: "vfio0", nicA: "vfio1", nicB: "vfio2"} {
+				if got := f.vfioDevDir(t, addr); !slices.Equal(got, []string{name}) {
+					t.Errorf("vfio-dev of %s: %v, want [%s]", addr, got, name)
+				}
+			}
+			dir := filepath.Join(f.tree.Root, pci.BusDevicesDir, nicA, "vfio-dev", "vfio1")
+			entries, err := os.ReadDir(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var files []string
+			for _, e := range entries {
+				files = append(files, e.Name())
+			}
+			if diff := cmp.Diff(tt.files, files); diff != "" {
+				t.Errorf("vfio-dev/vfio1 (-want +got):\n%s", diff)
+			}
+			if uevent, err := os.ReadFile(filepath.Join(dir, "uevent")); err != nil || string(uevent) != tt.uevent {
+				t.Errorf("uevent %q (%v), want %q", uevent, err, tt.uevent)
+			}
+			pciDev, err := filepath.EvalSymlinks(f.fs.DevicePath(mustAddr(t, nicA)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if dev, err := filepath.EvalSymlinks(filepath.Join(dir, "device")); err != nil || dev != pciDev {
+				t.Errorf("vfio-dev/vfio1/device -> %q (%v), want %s", dev, err, pciDev)
+			}
+			if got, err := b.DeviceCDev(eps[0]); err != nil || got != tt.cdev {
+				t.Errorf("DeviceCDev(%s) = %q, %v; want %q", nicA, got, err, tt.cdev)
+			}
+			_, _, ok := charDev(t, filepath.Join(f.dev, "vfio", "devices", "vfio1"))
+			if ok != tt.devNodes {
+				t.Errorf("/dev/vfio/devices/vfio1 exists=%v, want %v", ok, tt.devNodes)
+			}
+			if _, err := os.Stat(filepath.Join(f.dev, "vfio", "devices")); errors.Is(err, os.ErrNotExist) == tt.devNodes {
+				t.Errorf("/dev/vfio/devices: %v, want it to exist=%v", err, tt.devNodes)
+			}
+
+			// Numbers come back: the lowest free one is taken.
+			mustWrite(t, f, f.driverFile("vfio-pci", "unbind"), nicA)
+			if got := f.vfioDevDir(t, nicA); got != nil {
+				t.Errorf("vfio-dev of %s after unbind: %v", nicA, got)
+			}
+			if _, _, ok := charDev(t, filepath.Join(f.dev, "vfio", "devices", "vfio1")); ok {
+				t.Error("/dev/vfio/devices/vfio1 left after unbind")
+			}
+			mustWrite(t, f, f.probeFile(), nicA)
+			if got := f.vfioDevDir(t, nicA); !slices.Equal(got, []string{"vfio1"}) {
+				t.Errorf("vfio-dev of %s after rebinding: %v, want [vfio1]", nicA, got)
+			}
+			if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+				t.Fatalf("Restore: %v", err)
+			}
+			if _, _, ok := charDev(t, filepath.Join(f.dev, "vfio", "3")); ok {
+				t.Error("/dev/vfio/3 left after Restore")
+			}
+		})
+	}
+}
+
+func mustAddr(t *testing.T, s string) pci.Address {
+	t.Helper()
+	a, err := pci.ParseAddress(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// TestGroupOwned follows the kernel: checks of test/vm on Linux 6.1, with
+// group 3 (a bridge without driver, nicA and nicB) in the role of the
+// multifunction group there.
+func TestGroupOwned(t *testing.T) {
+	f := newFixture(t)
+	if err := f.k.SetGroupOwned(3, true); !errors.Is(err, syscall.ENOENT) {
+		t.Fatalf("owning a group without node: %v, want ENOENT", err)
+	}
+	mustWrite(t, f, f.overrideFile(nicA), "vfio-pci")
+	mustWrite(t, f, f.driverFile("e1000", "unbind"), nicA)
+	mustWrite(t, f, f.probeFile(), nicA)
+	if err := f.k.SetGroupOwned(3, true); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("owning a group with %s on e1000: %v, want EPERM", nicB, err)
+	}
+	if f.k.GroupOwned(3) {
+		t.Fatal("group owned after a failed SetGroupOwned")
+	}
+	mustWrite(t, f, f.driverFile("e1000", "unbind"), nicB)
+	if err := f.k.SetGroupOwned(3, true); err != nil {
+		t.Fatalf("owning a viable group: %v", err)
+	}
+	if !f.k.GroupOwned(3) {
+		t.Fatal("GroupOwned false after SetGroupOwned")
+	}
+	if err := f.k.SetGroupOwned(3, true); !errors.Is(err, syscall.EBUSY) {
+		t.Errorf("owning an owned group: %v, want EBUSY", err)
+	}
+
+	// Host drivers cannot bind; nothing changes.
+	before := snapshotTree(t, f.tree.Root)
+	if err := f.write(t, f.probeFile(), nicB); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("drivers_probe while owned: %v, want EINVAL", err)
+	}
+	if err := f.write(t, f.driverFile("e1000", "bind"), nicB); !errors.Is(err, syscall.EBUSY) {
+		t.Errorf("e1000/bind while owned: %v, want EBUSY", err)
+	}
+	if diff := cmp.Diff(before, snapshotTree(t, f.tree.Root)); diff != "" {
+		t.Errorf("failed binds changed the tree (-before +after):\n%s", diff)
+	}
+	// Other groups are not affected.
+	mustWrite(t, f, f.driverFile("e1000e", "unbind"), nicC)
+	mustWrite(t, f, f.probeFile(), nicC)
+	if d := f.driver(t, nicC); d != "e1000e" {
+		t.Errorf("%s in another group: driver %q after probe, want e1000e", nicC, d)
+	}
+	// Drivers that manage DMA themselves still bind.
+	mustWrite(t, f, f.overrideFile(nicB), "vfio-pci")
+	mustWrite(t, f, f.probeFile(), nicB)
+	if d := f.driver(t, nicB); d != "vfio-pci" {
+		t.Errorf("probe with override vfio-pci while owned: driver %q", d)
+	}
+	mustWrite(t, f, f.driverFile("vfio-pci", "unbind"), nicB)
+	mustWrite(t, f, f.driverFile("vfio-pci", "bind"), nicB)
+	if d := f.driver(t, nicB); d != "vfio-pci" {
+		t.Errorf("vfio-pci/bind while owned: driver %q", d)
+	}
+	mustWrite(t, f, f.driverFile("vfio-pci", "unbind"), nicB)
+	mustWrite(t, f, f.overrideFile(nicB), "\n")
+	if err := f.tree.AddDriver("pcieport"); err != nil {
+		t.Fatal(err)
+	}
+	f.k.SetNative(bridge, "pcieport")
+	mustWrite(t, f, f.probeFile(), bridge)
+	if d := f.driver(t, bridge); d != "pcieport" {
+		t.Errorf("bridge: driver %q after probe while owned, want pcieport", d)
+	}
+	mustWrite(t, f, f.driverFile("pcieport", "unbind"), bridge)
+
+	// Dropping ownership lets the host driver bind again.
+	if err := f.k.SetGroupOwned(3, false); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, f, f.probeFile(), nicB)
+	if d := f.driver(t, nicB); d != "e1000" {
+		t.Fatalf("driver %q after probe of a released group, want e1000", d)
+	}
+
+	// The kernel drops ownership when the last member leaves VFIO and the
+	// node goes, even while user space still holds its fds.
+	mustWrite(t, f, f.driverFile("e1000", "unbind"), nicB)
+	if err := f.k.SetGroupOwned(3, true); err != nil {
+		t.Fatal(err)
+	}
+	mustWrite(t, f, f.driverFile("vfio-pci", "unbind"), nicA)
+	if _, _, ok := charDev(t, filepath.Join(f.dev, "vfio", "3")); ok {
+		t.Error("/dev/vfio/3 left after the last member left vfio-pci")
+	}
+	if f.k.GroupOwned(3) {
+		t.Error("group still owned after its node went")
+	}
+	mustWrite(t, f, f.probeFile(), nicB)
+	if d := f.driver(t, nicB); d != "e1000" {
+		t.Errorf("driver %q after probe, want e1000", d)
+	}
+}
+
+// TestRestoreWhileGroupOwned shows what vfio.Binder.Restore returns when a
+// VM still holds the group: the probe for the host driver fails with EINVAL
+// and the function is left without driver. The last member to leave
+// vfio-pci takes the node, and with it the ownership, so it gets its driver
+// back. A later Restore finishes the job.
+func TestRestoreWhileGroupOwned(t *testing.T) {
+	f := newFixture(t)
+	b := vfio.NewBinder(f.fs, f.dev, vfio.Options{Writer: f.k, Timeout: time.Second, PollInterval: time.Millisecond})
+	originals, err := b.Snapshot([]pci.Address{mustAddr(t, nicA), mustAddr(t, nicB)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Bind(t.Context(), 3, originals, "vfio-pci"); err != nil {
+		t.Fatalf("Bind: %v", err)
+	}
+	if err := f.k.SetGroupOwned(3, true); err != nil {
+		t.Fatal(err)
+	}
+
+	err = b.Restore(t.Context(), originals, "vfio-pci")
+	var se *vfio.StepError
+	if !errors.As(err, &se) || se.Address != nicA || se.Step != vfio.StepProbe || !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("Restore: %v; want a StepError for %s, step %q, wrapping EINVAL", err, nicA, vfio.StepProbe)
+	}
+	if want := nicA + ": probe: write "; !strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), nicB) {
+		t.Errorf("Restore error %q: want it to start with %q and not to name %s", err, want, nicB)
+	}
+	got := []string{f.driver(t, nicA), f.driver(t, nicB)}
+	if diff := cmp.Diff([]string{"", "e1000"}, got); diff != "" {
+		t.Errorf("drivers of %s and %s (-want +got):\n%s", nicA, nicB, diff)
+	}
+	if ov, err := pci.ReadDriverOverride(f.overrideFile(nicA)); err != nil || ov != "" {
+		t.Errorf("driver_override of %s: %q %v, want cleared", nicA, ov, err)
+	}
+	if f.k.GroupOwned(3) {
+		t.Error("group still owned after the last member left vfio-pci")
+	}
+	if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+		t.Fatalf("second Restore: %v", err)
+	}
+	if d := f.driver(t, nicA); d != "e1000" {
+		t.Errorf("%s: driver %q after the second Restore, want e1000", nicA, d)
 	}
 }

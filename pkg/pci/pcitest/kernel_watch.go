@@ -38,9 +38,11 @@ func (k *Kernel) Ready() <-chan struct{} { return k.ready }
 // inotify and reacts when the writer closes a file, so the writer should
 // write each file with one open, write and close, as vfio.OSWriter does.
 // It empties bind, unbind and drivers_probe after reading them, and
-// rewrites driver_override the way the kernel shows it. The errors the
-// kernel would have returned to the writer are kept for Errors. Drivers
-// added to the tree while Watch runs are watched too; devices are not.
+// rewrites driver_override the way the kernel shows it; after a write that
+// fails or has zero length, driver_override gets back the content it had
+// before. The errors the kernel would have returned to the writer are kept
+// for Errors. Drivers added to the tree while Watch runs are watched too;
+// devices are not.
 func (k *Kernel) Watch(ctx context.Context) error {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
 	if err != nil {
@@ -50,7 +52,7 @@ func (k *Kernel) Watch(ctx context.Context) error {
 	// deadline can interrupt Read.
 	f := os.NewFile(uintptr(fd), "inotify")
 	defer f.Close() //nolint:errcheck // opened read-only
-	w := &watcher{k: k, fd: fd, wds: map[int32]watched{}}
+	w := &watcher{k: k, fd: fd, wds: map[int32]watched{}, overrides: map[string][]byte{}}
 
 	if err := w.add(filepath.Join(k.root, "bus/pci"), watchBus, ""); err != nil {
 		return err
@@ -82,6 +84,11 @@ func (k *Kernel) Watch(ctx context.Context) error {
 		if err := w.add(dir, watchDevice, e.Name()); err != nil {
 			return err
 		}
+		content, err := os.ReadFile(filepath.Join(dir, OpDriverOverride))
+		if err != nil {
+			return err
+		}
+		w.overrides[e.Name()] = content
 	}
 	// Writes made before the watches were in place are still in the files.
 	w.pending(filepath.Join(k.root, pci.DriversProbe), OpProbe, "")
@@ -113,6 +120,9 @@ type watcher struct {
 	k   *Kernel
 	fd  int
 	wds map[int32]watched
+	// overrides holds each device's driver_override as the kernel shows
+	// it, to put back what a write the kernel does not apply replaced.
+	overrides map[string][]byte
 }
 
 func (w *watcher) add(dir string, kind int, name string) error {
@@ -152,12 +162,7 @@ func (w *watcher) handle(buf []byte) error {
 		case wt.kind == watchDriver && (name == OpBind || name == OpUnbind):
 			w.consume(path, name, wt.name)
 		case wt.kind == watchDevice && name == OpDriverOverride:
-			data, err := os.ReadFile(path)
-			if err != nil {
-				w.record(fmt.Errorf("read %s: %w", path, err))
-				continue
-			}
-			w.apply(path, OpDriverOverride, wt.name, data)
+			w.override(path, wt.name)
 		case wt.kind == watchDrivers && ev.Mask&unix.IN_ISDIR != 0:
 			if err := w.add(path, watchDriver, name); err != nil {
 				return err
@@ -192,15 +197,40 @@ func (w *watcher) consume(path, op, arg string) {
 	if len(data) == 0 {
 		return
 	}
-	w.apply(path, op, arg, data)
-}
-
-func (w *watcher) apply(path, op, arg string, data []byte) {
 	w.k.mu.Lock()
 	defer w.k.mu.Unlock()
-	if err := w.k.apply(op, arg, data); err != nil {
+	_ = w.apply(path, op, arg, data) // kept for Errors
+}
+
+// override applies a write to driver_override of addr. The writer has
+// replaced the file's content; when the kernel would not have changed the
+// override (a failed or zero-length write), the old content is put back.
+func (w *watcher) override(path, addr string) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		w.record(fmt.Errorf("read %s: %w", path, err))
+		return
+	}
+	w.k.mu.Lock()
+	defer w.k.mu.Unlock()
+	if err := w.apply(path, OpDriverOverride, addr, data); err == nil && len(data) > 0 {
+		w.overrides[addr] = []byte(showOverride(overrideValue(data)) + "\n")
+		return
+	}
+	if old, ok := w.overrides[addr]; ok {
+		if err := w.k.replaceOverrideFile(addr, old); err != nil {
+			w.k.errs = append(w.k.errs, fmt.Errorf("restore %s: %w", path, err))
+		}
+	}
+}
+
+// apply applies a write and keeps its error; w.k.mu is held.
+func (w *watcher) apply(path, op, arg string, data []byte) error {
+	err := w.k.apply(op, arg, data)
+	if err != nil {
 		w.k.errs = append(w.k.errs, fmt.Errorf("write %q to %s: %w", bytes.TrimSpace(data), path, err))
 	}
+	return err
 }
 
 func (w *watcher) record(err error) {
