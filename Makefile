@@ -18,17 +18,20 @@ test-unit:
 
 vet:
 	$(GO) vet ./...
+	cd test/e2e && $(GO) vet ./...
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 lint: vet fmt-check $(BIN)/golangci-lint
 	$(BIN)/golangci-lint run ./...
+	cd test/e2e && $(BIN)/golangci-lint run --config ../../.golangci.yml ./...
 
 $(BIN)/golangci-lint:
 	GOBIN=$(BIN) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 
-## demo: build, then show what the plugin publishes for the demo node.
+## demo: build, then run the driver end to end on the demo node: a local control plane
+## (built on first use, ~10 minutes), the kubelet plugin, a pod that gets the GPU.
 demo: build
 	./demo/run.sh
 

@@ -6,6 +6,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/signal"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -64,7 +65,11 @@ func newCommand() (*cobra.Command, *options) {
 			if err := o.complete(); err != nil {
 				return err
 			}
-			return plugin.Run(cmd.Context(), o.cfg)
+			// SIGTERM is how the kubelet and kubectl stop the plugin: shut
+			// the gRPC services down and remove the sockets.
+			ctx, stop := signal.NotifyContext(cmd.Context(), unix.SIGTERM, unix.SIGINT)
+			defer stop()
+			return plugin.Run(ctx, o.cfg)
 		},
 	}
 

@@ -122,3 +122,17 @@ func (c *Checkpoint) Validate() error {
 	}
 	return nil
 }
+
+// HostDrivers returns, for every function that a claim moved to a vfio
+// driver, the driver it goes back to ("" for none), keyed by PCI address.
+func (c *Checkpoint) HostDrivers() map[string]string {
+	out := map[string]string{}
+	for _, claim := range c.Claims {
+		for _, g := range claim.Groups {
+			for _, m := range g.Members {
+				out[m.Address] = m.Driver
+			}
+		}
+	}
+	return out
+}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"text/tabwriter"
 
 	corev1 "k8s.io/api/core/v1"
@@ -15,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -34,7 +36,11 @@ type Options struct {
 	DriverName string
 	// ConfigFile is a DriverConfiguration file; "" means none.
 	ConfigFile string
-	Output     string
+	// CheckpointFile is the plugin's checkpoint; "" means none. Functions
+	// that prepared claims moved to vfio are then shown with the host
+	// driver they go back to, as the plugin publishes them.
+	CheckpointFile string
+	Output         string
 }
 
 // Run scans the sysfs tree and prints the result to out. Functions that
@@ -59,7 +65,18 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	inv, err := inventory.Scan(fs, cfg, nil)
+	var hostDrivers map[string]string
+	if o.CheckpointFile != "" {
+		if _, err := os.Stat(o.CheckpointFile); err != nil {
+			return fmt.Errorf("checkpoint: %w", err)
+		}
+		cp, err := checkpoint.NewStore(o.CheckpointFile).Get()
+		if err != nil {
+			return err
+		}
+		hostDrivers = cp.HostDrivers()
+	}
+	inv, err := inventory.Scan(fs, cfg, hostDrivers)
 	if err != nil {
 		return err
 	}

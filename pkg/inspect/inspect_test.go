@@ -12,6 +12,7 @@ import (
 	resourceapi "k8s.io/api/resource/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
@@ -152,5 +153,52 @@ func TestUnreadableDeviceIsReported(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "0000:82:00.0") || strings.Contains(out, "0000:82:00.0") {
 		t.Errorf("want the unreadable device on stderr only; stdout:\n%s\nstderr:\n%s", out, errOut)
+	}
+}
+
+// TestCheckpointHostDrivers: with the plugin's checkpoint, a function that
+// a prepared claim moved to vfio-pci shows the driver it goes back to.
+func TestCheckpointHostDrivers(t *testing.T) {
+	root := server(t)
+	tree := pcitest.Open(root)
+	if err := tree.Unbind("0000:82:00.0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.Bind("0000:82:00.0", "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	cpFile := filepath.Join(t.TempDir(), "checkpoint.json")
+	if err := checkpoint.NewStore(cpFile).Update(func(cp *checkpoint.Checkpoint) error {
+		cp.Claims["uid-1"] = &checkpoint.Claim{Namespace: "ns", Name: "nic", State: checkpoint.PrepareCompleted,
+			Groups: []checkpoint.Group{{Number: 25, Target: "vfio-pci", Restore: true,
+				Members: []checkpoint.Member{{Address: "0000:82:00.0", Driver: "nfp"}}}}}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	o := inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable}
+	without, _, err := run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.CheckpointFile = cpFile
+	with, _, err := run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := func(table string) string {
+		for _, l := range strings.Split(table, "\n") {
+			if strings.HasPrefix(l, "0000:82:00.0") {
+				return l
+			}
+		}
+		return ""
+	}
+	if !strings.Contains(row(without), "vfio-pci") || !strings.Contains(row(with), " nfp ") {
+		t.Errorf("want vfio-pci without and nfp with the checkpoint:\n%s\n%s", row(without), row(with))
+	}
+	o.CheckpointFile = filepath.Join(t.TempDir(), "missing.json")
+	if _, _, err := run(t, o); err == nil {
+		t.Error("a missing checkpoint file was accepted")
 	}
 }

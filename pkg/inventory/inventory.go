@@ -51,13 +51,14 @@ func (inv *Inventory) Offered() []Decision {
 // for a claim, the host driver they go back to: that is the driver they
 // are described and selected by, so that preparing a claim does not change
 // what is published.
-func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[pci.Address]string) (*Inventory, error) {
+// hostDrivers is keyed by PCI address ("0000:3b:00.0").
+func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string) (*Inventory, error) {
 	devices, problems, err := fs.Scan()
 	if err != nil {
 		return nil, err
 	}
 	for _, d := range devices {
-		if driver, ok := hostDrivers[d.Address]; ok {
+		if driver, ok := hostDrivers[d.Address.String()]; ok {
 			d.Driver = driver
 		}
 	}

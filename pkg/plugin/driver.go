@@ -146,7 +146,7 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, hostDrivers(cp))
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
 	if err != nil {
 		return false, err
 	}

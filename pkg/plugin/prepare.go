@@ -299,22 +299,6 @@ func originals(members []checkpoint.Member) []vfio.Original {
 	return out
 }
 
-// hostDrivers returns, for every function a claim moved to vfio, the driver
-// it goes back to.
-func hostDrivers(cp *checkpoint.Checkpoint) map[pci.Address]string {
-	out := map[pci.Address]string{}
-	for _, c := range cp.Claims {
-		for _, g := range c.Groups {
-			for _, m := range g.Members {
-				if a, err := pci.ParseAddress(m.Address); err == nil {
-					out[a] = m.Driver
-				}
-			}
-		}
-	}
-	return out
-}
-
 // requestMatches reports whether a config that lists requests applies to
 // request (a subrequest "req/sub" is matched by "req" as well).
 func requestMatches(requests []string, request string) bool {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the end-to-end tests against a real control plane: build etcd, kube-apiserver,
 # kube-scheduler, kube-controller-manager and kubectl if needed (the first build takes
-# about 10 minutes), then run the tests of the test/e2e module.
+# about 10 minutes) and the kernel emulator that runs beside the kubelet plugin, then run
+# the tests of the test/e2e module.
 #
 # Environment:
 #   VFIO_E2E_BIN_DIR         where the control-plane binaries live (default bin/control-plane)
@@ -16,6 +17,10 @@ export VFIO_E2E_DRIVER_BIN_DIR="${VFIO_E2E_DRIVER_BIN_DIR:-${REPO_ROOT}/bin}"
 GO="${GO:-go}"
 
 "${E2E_DIR}/hack/build-control-plane.sh"
+
+# The node tests run test/kernelemu next to the plugin. "go build" leaves an up-to-date
+# binary alone, so this costs nothing after the first time.
+(cd "${REPO_ROOT}" && "${GO}" build -o "${VFIO_E2E_DRIVER_BIN_DIR}/kernelemu" ./test/kernelemu)
 
 cd "${E2E_DIR}"
 # shellcheck disable=SC2086 # GO_TEST_FLAGS is a list of flags.

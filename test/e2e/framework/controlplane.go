@@ -342,6 +342,9 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, opts Options, etcdUR
 			// Nothing creates service accounts, and nothing (no kubelet, no node
 			// lifecycle controller) would remove the not-ready taint from Nodes.
 			"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+			// As in kubeadm, kind and managed clusters: the kubelet plugin's
+			// DaemonSet must write sysfs, which needs a privileged container.
+			"--allow-privileged=true",
 		}, opts.APIServerArgs...)
 		p, err := cp.StartProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), nil, args...)
 		if err != nil {

@@ -96,6 +96,15 @@ func (p *Process) Exited() (bool, error) {
 	}
 }
 
+// Wait waits until the process has been reaped and returns its exit error:
+// nil for status 0.
+func (p *Process) Wait() error {
+	<-p.done
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.waitErr
+}
+
 // Stop sends SIGTERM to the process group, waits up to a grace period and then
 // sends SIGKILL to the group. It returns once the process has been reaped. Calling
 // Stop more than once is fine.
@@ -160,6 +169,21 @@ func (p *Process) WaitReady(ctx context.Context, timeout time.Duration, check fu
 		case <-time.After(interval):
 		}
 	}
+}
+
+// WaitForLog waits until the process' log contains text. It fails early when
+// the process exits.
+func (p *Process) WaitForLog(ctx context.Context, timeout time.Duration, text string) error {
+	return p.WaitReady(ctx, timeout, func(context.Context) error {
+		data, err := os.ReadFile(p.LogPath)
+		if err != nil {
+			return err
+		}
+		if !bytes.Contains(data, []byte(text)) {
+			return fmt.Errorf("log does not contain %q yet", text)
+		}
+		return nil
+	})
 }
 
 func (p *Process) logTailForError() string {
