@@ -12,14 +12,14 @@
 # the kernel emulator and the demo program.
 #
 # Environment: BIN (driver binaries, default bin), VFIO_E2E_BIN_DIR (control plane,
-# default bin/control-plane), GO, DEMO_FLAGS (e.g. --keep to keep the logs).
+# default ~/.cache/vfio-dra-driver/control-plane), GO, DEMO_FLAGS (e.g. --keep to keep the logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO_ROOT=$PWD
 GO=${GO:-go}
 BIN=${BIN:-bin}
 [[ ${BIN} == /* ]] || BIN=${REPO_ROOT}/${BIN}
-export VFIO_E2E_BIN_DIR=${VFIO_E2E_BIN_DIR:-${REPO_ROOT}/bin/control-plane}
+export VFIO_E2E_BIN_DIR=${VFIO_E2E_BIN_DIR:-${XDG_CACHE_HOME:-${HOME}/.cache}/vfio-dra-driver/control-plane}
 export VFIO_E2E_DRIVER_BIN_DIR=${BIN}
 
 if [[ $(id -u) != 0 ]]; then

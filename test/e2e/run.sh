@@ -5,14 +5,14 @@
 # the tests of the test/e2e module.
 #
 # Environment:
-#   VFIO_E2E_BIN_DIR         where the control-plane binaries live (default bin/control-plane)
+#   VFIO_E2E_BIN_DIR         where the control-plane binaries live (default ~/.cache/vfio-dra-driver/control-plane)
 #   VFIO_E2E_DRIVER_BIN_DIR  where "make build" put the driver's binaries (default bin)
 #   GO_TEST_FLAGS            extra flags for go test, e.g. "-run TestControlPlane"
 set -o errexit -o nounset -o pipefail
 
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${E2E_DIR}/../.." && pwd)"
-export VFIO_E2E_BIN_DIR="${VFIO_E2E_BIN_DIR:-${REPO_ROOT}/bin/control-plane}"
+export VFIO_E2E_BIN_DIR="${VFIO_E2E_BIN_DIR:-${XDG_CACHE_HOME:-${HOME}/.cache}/vfio-dra-driver/control-plane}"
 export VFIO_E2E_DRIVER_BIN_DIR="${VFIO_E2E_DRIVER_BIN_DIR:-${REPO_ROOT}/bin}"
 GO="${GO:-go}"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the control-plane binaries that the e2e tests run as processes: etcd,
 # kube-apiserver, kube-scheduler, kube-controller-manager and kubectl, from the module
-# versions pinned in test/e2e/go.mod, into bin/control-plane/ (or $VFIO_E2E_BIN_DIR).
+# versions pinned in test/e2e/go.mod, into ~/.cache/vfio-dra-driver/control-plane/ (or $VFIO_E2E_BIN_DIR).
 #
 # The first build compiles about 2,500 packages (roughly 10 minutes on 2 cores and
 # about 4 GB of Go build cache). A stamp file records what the binaries were built
@@ -10,7 +10,9 @@ set -o errexit -o nounset -o pipefail
 
 E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPO_ROOT="$(cd "${E2E_DIR}/../.." && pwd)"
-OUT="${VFIO_E2E_BIN_DIR:-${REPO_ROOT}/bin/control-plane}"
+# Outside the work tree, so that every clone on this machine (CI clones
+# afresh) reuses one build.
+OUT="${VFIO_E2E_BIN_DIR:-${XDG_CACHE_HOME:-${HOME}/.cache}/vfio-dra-driver/control-plane}"
 GO="${GO:-go}"
 
 KUBE_VERSION=v1.37.2

@@ -8,7 +8,7 @@
 //
 // demo/run.sh ("make demo") builds what it needs and runs it:
 //
-//	VFIO_E2E_BIN_DIR=bin/control-plane VFIO_E2E_DRIVER_BIN_DIR=bin demo --repo-root .
+//	VFIO_E2E_BIN_DIR=~/.cache/vfio-dra-driver/control-plane VFIO_E2E_DRIVER_BIN_DIR=bin demo --repo-root .
 package main
 
 import (
