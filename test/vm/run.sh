@@ -247,6 +247,8 @@ verdict() {
 		die "$reason; VM ${VM_SECONDS}s, total ${SECONDS}s"
 	fi
 	log "PASS: VM ${VM_SECONDS}s, total ${SECONDS}s"
+	# The plain summary line CI reads.
+	sed -nE 's/^INFO: ([0-9]+) checks passed, ([0-9]+) failed.*/test-vm: \1 passed, \2 failed/p' "$clean"
 }
 
 mkdir -p "$OUT"
