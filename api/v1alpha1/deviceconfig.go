@@ -59,7 +59,8 @@ type VfioConfig struct {
 	IOMMUFD *bool `json:"iommufd,omitempty"`
 }
 
-// kernelDriverName is what a PCI driver may be called in sysfs.
+// kernelDriverName is what a PCI driver may be called in sysfs; it becomes
+// a path element, so no dots.
 var kernelDriverName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 // Validate checks the fields. fromClaim is true for configuration that

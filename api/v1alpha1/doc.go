@@ -1,7 +1,7 @@
 // Package v1alpha1 holds the versioned configuration types of the vfio.dra.dev
 // driver: the node configuration file of the kubelet plugin
 // (DriverConfiguration) and the opaque device configuration that
-// DeviceClasses and ResourceClaims carry (VfioDeviceConfiguration).
+// DeviceClasses and ResourceClaims carry (VfioConfig).
 //
 // Both are decoded strictly: an unknown field is an error, never ignored.
 package v1alpha1

@@ -69,7 +69,6 @@ var (
 	hexID       = regexp.MustCompile(`^[0-9a-f]{4}$`)
 	classPrefix = regexp.MustCompile(`^([0-9a-f]{2}){1,3}$`)
 	pciAddress  = regexp.MustCompile(`^[0-9a-f]{4,8}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$`)
-	driverName  = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 )
 
 // Validate checks every field and returns all problems at once.
@@ -104,7 +103,7 @@ func (s DeviceSelector) validate(path *field.Path) field.ErrorList {
 	check("deviceID", s.DeviceID, hexID, "must be 4 lower-case hex digits")
 	check("class", s.Class, classPrefix, "must be 2, 4 or 6 lower-case hex digits")
 	check("pciAddress", s.PCIAddress, pciAddress, "must be a PCI address such as 0000:3b:00.0")
-	check("driver", s.Driver, driverName, "must be a kernel driver name")
+	check("driver", s.Driver, kernelDriverName, "must be a kernel driver name")
 	return errs
 }
 

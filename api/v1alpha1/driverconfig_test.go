@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 func TestLoadDriverConfiguration(t *testing.T) {
@@ -105,5 +106,19 @@ func TestLoadDriverConfigurationMissingFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "nope.yaml")
 	if _, err := LoadDriverConfiguration(path); err == nil || !strings.Contains(err.Error(), path) {
 		t.Errorf("error = %v, want one naming %s", err, path)
+	}
+}
+
+func TestDriverNamesCannotBePaths(t *testing.T) {
+	for _, name := range []string{"..", "../nvidia", "a/b", "."} {
+		c := VfioConfig{TypeMeta: metav1.TypeMeta{APIVersion: APIVersion, Kind: VfioConfigKind}, Driver: name}
+		if errs := c.Validate(false); len(errs) == 0 {
+			t.Errorf("VfioConfig driver %q accepted", name)
+		}
+		d := DriverConfiguration{TypeMeta: metav1.TypeMeta{APIVersion: APIVersion, Kind: DriverConfigurationKind},
+			Deny: []DeviceSelector{{Driver: name}}}
+		if errs := d.Validate(); len(errs) == 0 {
+			t.Errorf("selector driver %q accepted", name)
+		}
 	}
 }

@@ -151,7 +151,7 @@ func groupReason(d *pci.Device, members []pci.Address, byAddr map[pci.Address]*p
 		if !ok {
 			return fmt.Sprintf("IOMMU group %d: member %s could not be read", *d.IOMMUGroup, m)
 		}
-		if other.IsBridge() {
+		if other.IsPassiveBridge() {
 			continue
 		}
 		if r := own[m]; r != "" {

@@ -57,3 +57,27 @@ func TestDeviceNameRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+func TestIsPassiveBridge(t *testing.T) {
+	tests := []struct {
+		class  uint32
+		driver string
+		want   bool
+	}{
+		{0x060000, "", true},         // host bridge
+		{0x060400, "pcieport", true}, // root port
+		{0x060401, "", true},         // subtractive-decode PCI bridge
+		{0x060400, "pci-stub", true}, //
+		{0x060400, "shpchp", false},  // a hotplug driver owns it
+		{0x060100, "lpc_ich", false}, // ISA bridge with its host driver
+		{0x060100, "", false},        // ISA bridge: moves with the group
+		{0x068000, "", false},        // other bridge
+		{0x020000, "", false},        // not a bridge
+	}
+	for _, tc := range tests {
+		d := &Device{Class: tc.class, Driver: tc.driver}
+		if got := d.IsPassiveBridge(); got != tc.want {
+			t.Errorf("IsPassiveBridge(class %06x, driver %q) = %v, want %v", tc.class, tc.driver, got, tc.want)
+		}
+	}
+}

@@ -103,6 +103,24 @@ type Device struct {
 // host, ISA, PCI-to-PCI, CardBus and so on.
 func (d *Device) IsBridge() bool { return d.Class>>16 == 0x06 }
 
+// IsPassiveBridge reports whether the function is a host or PCI-to-PCI
+// bridge that no host driver uses for DMA (no driver, pcieport or
+// pci-stub). Such a bridge stays where it is when its IOMMU group is given
+// to VFIO; the kernel still lets userspace use the group. Any other member
+// of a group, an ISA bridge on lpc_ich included, must move with the group.
+func (d *Device) IsPassiveBridge() bool {
+	switch d.Class >> 8 {
+	case 0x0600, 0x0604:
+	default:
+		return false
+	}
+	switch d.Driver {
+	case "", "pcieport", "pci-stub":
+		return true
+	}
+	return false
+}
+
 // Scan reads every PCI function under bus/pci/devices, sorted by address.
 // A function that cannot be read is left out and reported in the second
 // result, so one odd device does not hide the others.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -78,6 +79,12 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := d.forgetOtherBoots(ctx); err != nil {
 		return nil, err
 	}
+	if err := d.rollBackUnfinished(ctx); err != nil {
+		return nil, err
+	}
+	if !fs.DriverLoaded("vfio-pci") {
+		klog.FromContext(ctx).Info("Warning: the vfio-pci driver is not loaded; preparing claims fails until it is (modprobe vfio-pci)")
+	}
 	d.helper, err = kubeletplugin.Start(ctx, d,
 		kubeletplugin.DriverName(cfg.DriverName),
 		kubeletplugin.KubeClient(cfg.KubeClient),
@@ -88,6 +95,8 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		// KEP-5304: the pciBusID and IOMMU group of each device reach the
 		// container as metadata, which KubeVirt reads.
 		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
+		// Per-device health is not reported yet: do not advertise it.
+		kubeletplugin.HealthService(false),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
@@ -142,11 +151,7 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	cp, err := d.store.Get()
-	if err != nil {
-		return false, err
-	}
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	inv, err := d.scan()
 	if err != nil {
 		return false, err
 	}
@@ -177,7 +182,12 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 // recoverable ones (publishing) are logged; anything else stops the plugin.
 func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 	logger := klog.FromContext(ctx)
-	if errors.Is(err, kubeletplugin.ErrRecoverable) {
+	var dropped *resourceslice.DroppedFieldsError
+	if errors.As(err, &dropped) && slices.Contains(dropped.DisabledFeatures(), "DRAPartitionableDevices") {
+		// Without shared counters the scheduler could hand two members
+		// of one IOMMU group to two claims. Better no devices than that.
+		err = fmt.Errorf("the API server dropped the IOMMU group counters (feature gate DRAPartitionableDevices is off): refusing to publish devices whose groups the scheduler cannot keep whole: %w", err)
+	} else if errors.Is(err, kubeletplugin.ErrRecoverable) {
 		logger.Error(err, msg)
 		return
 	}
@@ -185,6 +195,20 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 	case d.fatal <- fmt.Errorf("%s: %w", msg, err):
 	default: // The first fatal error is enough.
 	}
+}
+
+// scan reads the node as it is published: functions that claims moved to
+// vfio are described by their host drivers.
+func (d *Driver) scan() (*inventory.Inventory, error) {
+	// No prepare may move a driver between reading the checkpoint and
+	// reading sysfs, or a bound function would be published with vfio-pci.
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	cp, err := d.store.Get()
+	if err != nil {
+		return nil, err
+	}
+	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
@@ -214,8 +238,28 @@ func (d *Driver) forgetOtherBoots(ctx context.Context) error {
 	})
 }
 
-// WatchHealthStatus reports that per-device health is not supported yet, so
-// the kubelet stops asking.
+// rollBackUnfinished undoes prepares that a crash cut short, so that their
+// groups go back to the host now rather than when the kubelet happens to
+// ask for that claim again.
+func (d *Driver) rollBackUnfinished(ctx context.Context) error {
+	cp, err := d.store.Get()
+	if err != nil {
+		return err
+	}
+	for uid, c := range cp.Claims {
+		if c.State != checkpoint.PrepareStarted {
+			continue
+		}
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name))
+		logger.Info("Rolling back a prepare that did not finish before the plugin stopped")
+		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+			return fmt.Errorf("roll back the unfinished prepare of ResourceClaim %s/%s: %w", c.Namespace, c.Name, err)
+		}
+	}
+	return nil
+}
+
+// WatchHealthStatus is not called: the health service is off (see Start).
 func (d *Driver) WatchHealthStatus(ctx context.Context, reports chan<- kubeletplugin.DeviceHealthReport) error {
 	return kubeletplugin.ErrHealthNotSupported
 }

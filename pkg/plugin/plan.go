@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
@@ -55,6 +56,11 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 	for _, r := range alloc.Devices.Results {
 		if r.Driver != d.cfg.DriverName {
 			continue
+		}
+		if ptr.Deref(r.AdminAccess, false) {
+			// Admin access may share a device with the claim that owns
+			// it; binding the group would take it from that claim.
+			return nil, fmt.Errorf("device %s: admin access is not supported by this driver", r.Device)
 		}
 		if r.Pool != d.cfg.NodeName {
 			return nil, fmt.Errorf("device %s is from pool %q, not from this node's pool %q", r.Device, r.Pool, d.cfg.NodeName)

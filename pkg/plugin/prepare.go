@@ -69,12 +69,21 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 	}
 	if prev := cp.Claims[uid]; prev != nil {
 		if prev.State == checkpoint.PrepareCompleted {
-			logger.V(4).Info("Claim is prepared already")
-			return d.completed(ctx, uid, prev)
+			if intact, err := d.intact(prev); err != nil || intact {
+				if err != nil {
+					return nil, err
+				}
+				logger.V(4).Info("Claim is prepared already")
+				return d.completed(ctx, uid, prev)
+			}
+			// An unprepare that failed half way gave some functions
+			// back already: the claim is no longer what it was.
+			logger.Info("Prepared claim lost some of its functions, preparing it again")
+		} else {
+			// A prepare that did not finish (crash, or a rollback that
+			// failed): undo what it did, then start over.
+			logger.Info("Rolling back an unfinished prepare")
 		}
-		// A prepare that did not finish (crash, or a rollback that
-		// failed): undo what it did, then start over.
-		logger.Info("Rolling back an unfinished prepare")
 		if err := d.unprepareClaim(ctx, uid); err != nil {
 			return nil, fmt.Errorf("roll back the unfinished prepare: %w", err)
 		}
@@ -95,20 +104,24 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 		return nil, err
 	}
 
+	// Once started, binding runs to its end (every wait in it is bounded)
+	// even when the kubelet's call times out: cancelling half way would
+	// roll back and redo the same work on every retry.
+	ctx = context.WithoutCancel(ctx)
 	devices, specName, err := d.apply(ctx, uid, p)
+	if err == nil {
+		err = d.store.Update(func(cp *checkpoint.Checkpoint) error {
+			c := cp.Claims[uid]
+			c.State, c.Devices, c.CDISpec = checkpoint.PrepareCompleted, devices, specName
+			return nil
+		})
+	}
 	if err != nil {
 		if rerr := d.unprepareClaim(ctx, uid); rerr != nil {
 			// The claim stays PrepareStarted: the next prepare or
-			// unprepare tries again.
+			// unprepare, or the next start, tries again.
 			return nil, fmt.Errorf("%w; rolling back failed too: %w", err, rerr)
 		}
-		return nil, err
-	}
-	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
-		c := cp.Claims[uid]
-		c.State, c.Devices, c.CDISpec = checkpoint.PrepareCompleted, devices, specName
-		return nil
-	}); err != nil {
 		return nil, err
 	}
 	logger.Info("Prepared claim", "devices", len(devices), "iommuGroups", len(p.Groups))
@@ -190,6 +203,27 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 		devices[i].CDIDeviceIDs = ids[devices[i].Device]
 	}
 	return devices, specName, nil
+}
+
+// intact reports whether every function of a prepared claim is still on the
+// driver the claim moved it to.
+func (d *Driver) intact(c *checkpoint.Claim) (bool, error) {
+	for _, g := range c.Groups {
+		for _, m := range g.Members {
+			addr, err := pci.ParseAddress(m.Address)
+			if err != nil {
+				return false, err
+			}
+			drv, err := d.fs.CurrentDriver(addr)
+			if err != nil {
+				return false, fmt.Errorf("PCI device %s: %w", addr, err)
+			}
+			if drv != g.Target {
+				return false, nil
+			}
+		}
+	}
+	return true, nil
 }
 
 // completed turns a prepared claim into the prepare result. It writes a CDI

@@ -601,7 +601,9 @@ func TestCrashMidPrepare(t *testing.T) {
 		gpuAudio = "0000:01:00.1"
 	)
 	// restoreGPU is what giving the GPU back to nvidia writes.
-	restoreGPU := []string{"driver_override " + gpu + " (null)", "unbind " + gpu + " vfio-pci", "probe " + gpu}
+	restoreGPU := []string{
+		"driver_override " + gpu + " nvidia", "unbind " + gpu + " vfio-pci", "probe " + gpu, "driver_override " + gpu + " (null)",
+	}
 	bindGroup := []string{
 		"driver_override " + gpu + " vfio-pci", "unbind " + gpu + " nvidia", "probe " + gpu,
 		"driver_override " + gpuAudio + " vfio-pci", "unbind " + gpuAudio + " snd_hda_intel", "probe " + gpuAudio,
@@ -647,8 +649,19 @@ func TestCrashMidPrepare(t *testing.T) {
 			}); err != nil {
 				t.Fatal(err)
 			}
-			if err := binder.Bind(ctx, 2, members[:1], "vfio-pci"); err != nil {
-				t.Fatal(err)
+			// Bind refuses half a group, so make Bind's writes for the
+			// GPU by hand.
+			for _, w := range []struct{ file, data string }{
+				{n.fs.DevicePath(mustAddr(t, gpu), "driver_override"), "vfio-pci"},
+				{n.fs.Path(pci.BusDriversDir, "nvidia", "unbind"), gpu},
+				{n.fs.Path(pci.DriversProbe), gpu},
+			} {
+				if err := n.kernel.WriteFile(w.file, []byte(w.data)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if d := n.driverOf(t, gpu); d != "vfio-pci" {
+				t.Fatalf("%s on %q after the crashed process's writes, want vfio-pci", gpu, d)
 			}
 			from := len(n.kernel.Writes())
 

@@ -1,0 +1,148 @@
+package plugin_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/dynamic-resource-allocation/resourceslice"
+	"k8s.io/klog/v2/ktesting"
+	"k8s.io/utils/ptr"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
+)
+
+func TestAdminAccessIsRefused(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	n.start(ctx, t)
+	r := result("nic", "0000:82:00.0")
+	r.AdminAccess = ptr.To(true)
+	claim := n.createClaim(ctx, t, "monitor", []resourceapi.DeviceRequestAllocationResult{r})
+	before, writes := n.state(t), len(n.kernel.Writes())
+	resp := n.prepare(ctx, t, claim)
+	if !strings.Contains(resp.Error, "admin access is not supported") || !strings.Contains(resp.Error, "pci-0000-82-00-0") {
+		t.Errorf("prepare error = %q, want admin access refused for the device", resp.Error)
+	}
+	if w := n.writesSince(writes); len(w) > 0 {
+		t.Errorf("refused claim wrote sysfs: %v", w)
+	}
+	if diff := cmp.Diff(before, n.state(t)); diff != "" {
+		t.Errorf("node changed:\n%s", diff)
+	}
+}
+
+// A prepared claim whose functions were given back behind its back (an
+// unprepare that failed half way) is prepared again, not reported ready.
+func TestPreparedClaimThatLostItsGroupIsPreparedAgain(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	n.start(ctx, t)
+	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")})
+	first := n.mustPrepare(ctx, t, claim)
+
+	// The audio function went back to its driver.
+	binder := vfio.NewBinder(n.fs, n.cfg.DevRoot, vfio.Options{Writer: n.kernel})
+	if err := binder.Restore(ctx, []vfio.Original{{Address: "0000:01:00.1", Driver: "snd_hda_intel"}}, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	again := n.mustPrepare(ctx, t, claim)
+	if got := n.driverOf(t, "0000:01:00.1"); got != "vfio-pci" {
+		t.Errorf("audio function is on %q after the second prepare, want vfio-pci", got)
+	}
+	if first[0].CdiDeviceIds[0] != again[0].CdiDeviceIds[0] {
+		t.Errorf("CDI IDs changed: %v, then %v", first[0].CdiDeviceIds, again[0].CdiDeviceIds)
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
+	for addr, want := range map[string]string{"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel"} {
+		if got := n.driverOf(t, addr); got != want {
+			t.Errorf("%s on %q after unprepare, want %s", addr, got, want)
+		}
+	}
+}
+
+// A prepare that a crash cut short is rolled back when the plugin starts,
+// not only when the kubelet asks for that claim again.
+func TestStartRollsBackUnfinishedPrepares(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	const gpu = "0000:01:00.0"
+	binder := vfio.NewBinder(n.fs, n.cfg.DevRoot, vfio.Options{Writer: n.kernel})
+	members, err := binder.Snapshot([]pci.Address{mustAddr(t, gpu)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := checkpoint.NewStore(filepath.Join(n.cfg.PluginDataDir, "checkpoint.json"))
+	if err := store.Update(func(cp *checkpoint.Checkpoint) error {
+		cp.BootID = "boot-1"
+		cp.Claims["uid-crashed"] = &checkpoint.Claim{Namespace: "default", Name: "crashed", State: checkpoint.PrepareStarted,
+			Groups: []checkpoint.Group{{Number: 2, Target: "vfio-pci", Restore: true, Members: []checkpoint.Member{checkpoint.Member(members[0])}}}}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := binder.Bind(ctx, 2, members, "vfio-pci"); err == nil {
+		// Bind refuses a partial group or succeeds; either way the GPU
+		// must end on nvidia after the start.
+		t.Log("partial bind went through")
+	}
+	n.start(ctx, t)
+	if got := n.driverOf(t, gpu); got != "nvidia" {
+		t.Errorf("GPU on %q after the start, want nvidia", got)
+	}
+	if c := n.checkpoint(t).Claims["uid-crashed"]; c != nil {
+		t.Errorf("unfinished claim still checkpointed: %+v", c)
+	}
+}
+
+// The kubelet gives up on a call after its deadline; binding that has
+// begun still finishes, so a retry does not undo and redo it.
+func TestPrepareFinishesAfterTheCallerGaveUp(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	n.start(ctx, t)
+	claim := n.createClaim(ctx, t, "nic", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	res, err := n.driver.PrepareResourceClaims(cancelled, []*resourceapi.ResourceClaim{claim})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := res[claim.UID]; r.Err != nil || len(r.Devices) != 1 {
+		t.Errorf("prepare with a cancelled context = %+v, want the device prepared", r)
+	}
+	if got := n.driverOf(t, "0000:82:00.0"); got != "vfio-pci" {
+		t.Errorf("SmartNIC on %q, want vfio-pci", got)
+	}
+}
+
+// Without shared counters the scheduler cannot keep IOMMU groups whole:
+// an API server that drops them stops the plugin.
+func TestDroppedCountersAreFatal(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	n.start(ctx, t)
+	desired := &resourceapi.ResourceSlice{Spec: resourceapi.ResourceSliceSpec{SharedCounters: []resourceapi.CounterSet{{Name: "iommu-group-2"}}}}
+	dropped := &resourceslice.DroppedFieldsError{PoolName: nodeName, DesiredSlice: desired, ActualSlice: &resourceapi.ResourceSlice{}}
+	if got := dropped.DisabledFeatures(); len(got) == 0 || got[0] != "DRAPartitionableDevices" {
+		t.Fatalf("DisabledFeatures() = %v; the test does not build the error the library reports", got)
+	}
+	n.driver.HandleError(ctx, errors.Join(kubeletplugin.ErrRecoverable, dropped), "publishing")
+	err := n.driver.Wait(ctx)
+	if err == nil || !strings.Contains(err.Error(), "DRAPartitionableDevices") {
+		t.Errorf("Wait() = %v, want a fatal error about the dropped counters", err)
+	}
+}
