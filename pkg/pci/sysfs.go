@@ -76,8 +76,6 @@ type Device struct {
 	Class uint32
 	// Driver is the name of the bound driver (the driver link), "" if none.
 	Driver string
-	// DriverOverride is the content of driver_override, "" if unset.
-	DriverOverride string
 	// IOMMUGroup is the group number from the iommu_group link, nil when the
 	// function has none (no IOMMU, or IOMMU disabled).
 	IOMMUGroup *int
@@ -206,9 +204,9 @@ func (f *FS) read(d *Device) error {
 	if d.Driver, err = linkBase(filepath.Join(dir, "driver")); err != nil {
 		return err
 	}
-	if d.DriverOverride, err = ReadDriverOverride(filepath.Join(dir, "driver_override")); err != nil {
-		return err
-	}
+	// driver_override is not read here: the kernel blocks reads of it
+	// while an unbind of the device waits for a VFIO user, and discovery
+	// must not hang. The binder reads it, bounded, when it needs it.
 	group, err := linkBase(filepath.Join(dir, "iommu_group"))
 	if err != nil {
 		return err

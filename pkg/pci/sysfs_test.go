@@ -147,18 +147,6 @@ func TestScanOddFiles(t *testing.T) {
 			damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "0x10de \n") },
 			check:  func(t *testing.T, d *pci.Device) { wantInt(t, "VendorID", int(d.VendorID), 0x10de) },
 		},
-		"driver_override set": {
-			damage: func(t *testing.T, _, dir string) { write(t, dir, "driver_override", "vfio-pci\n") },
-			check: func(t *testing.T, d *pci.Device) {
-				if d.DriverOverride != "vfio-pci" {
-					t.Errorf("DriverOverride = %q, want vfio-pci", d.DriverOverride)
-				}
-			},
-		},
-		"driver_override missing (old kernel)": {
-			damage: func(t *testing.T, _, dir string) { remove(t, dir, "driver_override") },
-			check:  func(t *testing.T, d *pci.Device) {},
-		},
 		"vendor garbage":    {damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "zz\n") }, wantProblem: "vendor"},
 		"vendor too wide":   {damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "0x10de0\n") }, wantProblem: "16-bit"},
 		"vendor missing":    {damage: func(t *testing.T, _, dir string) { remove(t, dir, "vendor") }, wantProblem: "vendor"},

@@ -191,7 +191,11 @@ func (n *node) state(t *testing.T) map[string]fnState {
 	}
 	out := map[string]fnState{}
 	for _, d := range devices {
-		out[d.Address.String()] = fnState{Driver: d.Driver, Override: d.DriverOverride}
+		ov, err := pci.ReadDriverOverride(n.fs.DevicePath(d.Address, "driver_override"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[d.Address.String()] = fnState{Driver: d.Driver, Override: ov}
 	}
 	return out
 }

@@ -305,7 +305,11 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
 			logger.V(2).Info("Leaving IOMMU group on its vfio driver, as configured", "iommuGroup", g.Number, "driver", g.Target)
 			continue
 		}
-		if err := d.binder.Restore(ctx, originals(g.Members), g.Target); err != nil {
+		gone, err := d.binder.RestoreReport(ctx, originals(g.Members), g.Target)
+		if len(gone) > 0 {
+			logger.Info("PCI functions of the group are gone from the node, nothing to give back", "iommuGroup", g.Number, "pciAddresses", gone)
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("IOMMU group %d: %w", g.Number, err))
 			continue
 		}

@@ -6,7 +6,9 @@
 //
 // The kernel applies these writes synchronously, but the Binder never relies
 // on that: after each write it polls, with a bound, until sysfs shows the
-// effect.
+// effect. Each write, and each read of driver_override, is bounded too (see
+// Options.Timeout), because they can block in the kernel: unbinding a
+// function from a VFIO driver waits until user space has closed the device.
 package vfio
 
 import (
@@ -49,8 +51,8 @@ const (
 // directory: its module is not loaded.
 var ErrDriverNotLoaded = errors.New("driver not loaded")
 
-// ErrTimeout means sysfs did not show the effect of a write within
-// Options.Timeout.
+// ErrTimeout means a write did not return, or sysfs did not show its effect,
+// within Options.Timeout.
 var ErrTimeout = errors.New("timed out")
 
 // Writer writes one sysfs attribute file (absolute path). Production code
@@ -93,7 +95,15 @@ type Original struct {
 type Options struct {
 	// Writer writes sysfs files; default OSWriter{}.
 	Writer Writer
-	// Timeout bounds each wait (driver link change, /dev/vfio/N); default 10s.
+	// Timeout bounds each write, each read of driver_override and each
+	// wait (driver link change, /dev/vfio/N); default 10s. A write that
+	// has not returned by then fails with ErrTimeout, but the goroutine
+	// that made it stays until the Writer returns: a sysfs write can stay
+	// blocked in the kernel (an unbind from vfio-pci waits until user
+	// space closes the device), and nothing can call it back. Such a
+	// write may still take effect later. While it is blocked it holds
+	// the device lock, so reads of that function's driver_override block
+	// as well; they are bounded the same way.
 	Timeout time.Duration
 	// PollInterval is the pause between two looks at sysfs; default 20ms.
 	PollInterval time.Duration
@@ -155,6 +165,9 @@ type state struct {
 	driver, override string
 }
 
+// read reads the state of addr. Reading driver_override is bounded like a
+// write: Linux takes the device lock to show it, and an unbind blocked in
+// the kernel holds that lock.
 func (b *Binder) read(addr pci.Address) (state, error) {
 	if _, err := os.Lstat(b.fs.DevicePath(addr)); err != nil {
 		return state{}, err
@@ -163,7 +176,8 @@ func (b *Binder) read(addr pci.Address) (state, error) {
 	if err != nil {
 		return state{}, err
 	}
-	ov, err := pci.ReadDriverOverride(b.fs.DevicePath(addr, "driver_override"))
+	file := b.fs.DevicePath(addr, "driver_override")
+	ov, err := bounded(b.timeout, "read "+file, func() (string, error) { return pci.ReadDriverOverride(file) })
 	if err != nil {
 		return state{}, err
 	}
@@ -191,10 +205,18 @@ func (b *Binder) Snapshot(addrs []pci.Address) ([]Original, error) {
 // driver link names target. Functions already on target get no write. At
 // the end it waits for <devRoot>/vfio/<group>.
 //
-// Nothing is written when target is not loaded or a function is not in
-// group. On any other failure Bind restores, in reverse order, the functions
-// it changed and returns a *StepError; if that restore fails too, its error
-// is joined to the StepError.
+// Nothing is written when target is not loaded, a function is not in group,
+// or the group could not be used afterwards: the kernel refuses user space a
+// group (EPERM) while any member is bound to a driver that does not manage
+// DMA itself, so every member of the group (kernel/iommu_groups/N/devices)
+// that is not in originals must be driverless or bound to pcieport,
+// pci-stub or a VFIO driver (vfio-pci, *_vfio_pci). Bind returns a
+// *StepError at StepCheckGroup naming the first member that is not.
+//
+// On any other failure Bind gives back, in reverse order and as Restore
+// does, the functions it changed, and returns a *StepError; if that fails
+// too, its error is joined to the StepError. A function that no longer
+// exists needs no rollback and adds no error.
 func (b *Binder) Bind(ctx context.Context, group int, originals []Original, target string) error {
 	if len(originals) == 0 {
 		return &StepError{Step: StepCheckGroup, Err: fmt.Errorf("IOMMU group %d: no functions to bind", group)}
@@ -212,6 +234,9 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 			return &StepError{Address: a.String(), Step: StepCheckGroup, Err: err}
 		}
 	}
+	if err := b.checkOthers(group, addrs); err != nil {
+		return err
+	}
 
 	var changed []int
 	fail := func(err error) error {
@@ -220,7 +245,7 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 		rctx := context.WithoutCancel(ctx)
 		var errs []error
 		for _, i := range slices.Backward(changed) {
-			if rerr := b.restore(rctx, addrs[i], originals[i]); rerr != nil {
+			if _, rerr := b.restore(rctx, addrs[i], originals[i]); rerr != nil {
 				errs = append(errs, rerr)
 			}
 		}
@@ -242,7 +267,7 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 			return fail(&StepError{Address: a.String(), Step: StepSetOverride, Err: err})
 		}
 		changed = append(changed, i)
-		if err := b.moveTo(ctx, a, st, target, target); err != nil {
+		if err := b.moveTo(ctx, a, st, target); err != nil {
 			return fail(err)
 		}
 	}
@@ -261,17 +286,39 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 	return nil
 }
 
-// Restore gives functions back. Functions whose Original.Driver is target
-// were on target before Bind and stay there. For every other function it
-// puts driver_override back, unbinds the function from its current driver
-// if that is not the original one, and probes for the original driver and
-// waits for it; a function that had no driver stays without one. A function
-// whose original driver is not loaded gets no write and an error wrapping
-// ErrDriverNotLoaded, so a retry after loading the module finishes the job.
-// A function already in its original state gets no write, so Restore is
-// idempotent. It tries every function and returns the joined errors, each a
-// *StepError.
+// Restore gives functions back. It is RestoreReport without the list of
+// functions that no longer exist: those count as restored and add no error.
 func (b *Binder) Restore(ctx context.Context, originals []Original, target string) error {
+	_, err := b.RestoreReport(ctx, originals, target)
+	return err
+}
+
+// RestoreReport gives functions back. Functions whose Original.Driver is
+// target were on target before Bind and stay there. For every other
+// function with an original driver D it writes D to driver_override (so
+// that the probe can only pick D, whatever other drivers match, and a VF
+// is probed even when its PF has sriov_drivers_autoprobe=0), unbinds the
+// function from its current driver and waits until the link is gone,
+// probes it and waits until the driver link names D, and last writes the
+// original driver_override back (a newline clears it). A function that had
+// no driver gets its original driver_override, is unbound and stays
+// without driver. A function on D that only has another driver_override
+// gets that one write.
+//
+// A function already in its original state gets no write, so
+// RestoreReport is idempotent. A function whose original driver is not
+// loaded gets no write and an error wrapping ErrDriverNotLoaded, so a retry
+// after loading the module finishes the job. After a failure a function
+// may be left with D in driver_override; a retry finishes the job as well.
+//
+// A function that no longer exists (its bus/pci/devices entry is gone: a
+// VF removed when sriov_numvfs went to 0, a hot-unplugged device) has
+// nothing left to restore: it adds no error and its address is returned in
+// gone, in the order of originals, for the caller to log.
+//
+// RestoreReport tries every function and returns the joined errors, each a
+// *StepError.
+func (b *Binder) RestoreReport(ctx context.Context, originals []Original, target string) (gone []string, err error) {
 	var errs []error
 	for _, o := range originals {
 		if o.Driver == target {
@@ -282,66 +329,76 @@ func (b *Binder) Restore(ctx context.Context, originals []Original, target strin
 			errs = append(errs, &StepError{Address: o.Address, Step: StepReadState, Err: err})
 			continue
 		}
-		if err := b.restore(ctx, a, o); err != nil {
+		isGone, err := b.restore(ctx, a, o)
+		if isGone {
+			gone = append(gone, o.Address)
+		}
+		if err != nil {
 			errs = append(errs, err)
 		}
 	}
-	return errors.Join(errs...)
+	return gone, errors.Join(errs...)
 }
 
-// restore brings one function back to o. driver_override is sticky: when
-// the original override names another driver than the original one, the
-// override is cleared for the probe and set afterwards, so the probe finds
-// the original driver.
-func (b *Binder) restore(ctx context.Context, a pci.Address, o Original) error {
+// restore brings one function back to o. When it fails and the function
+// no longer exists, it reports the function gone and no error.
+func (b *Binder) restore(ctx context.Context, a pci.Address, o Original) (gone bool, err error) {
+	err = b.restoreFunction(ctx, a, o)
+	if err == nil {
+		return false, nil
+	}
+	if _, lerr := os.Lstat(b.fs.DevicePath(a)); errors.Is(lerr, fs.ErrNotExist) {
+		return true, nil
+	}
+	return false, err
+}
+
+func (b *Binder) restoreFunction(ctx context.Context, a pci.Address, o Original) error {
 	st, err := b.read(a)
 	if err != nil {
 		return &StepError{Address: o.Address, Step: StepReadState, Err: err}
 	}
-	if st.driver == o.Driver && st.override == o.DriverOverride {
+	if st.driver == o.Driver {
+		if st.override != o.DriverOverride {
+			return b.setOverride(a, o.DriverOverride)
+		}
 		return nil
 	}
-	probeOverride := o.DriverOverride
-	if o.Driver != "" && o.DriverOverride != "" && o.DriverOverride != o.Driver {
-		probeOverride = ""
+	if o.Driver == "" {
+		if st.override != o.DriverOverride {
+			if err := b.setOverride(a, o.DriverOverride); err != nil {
+				return err
+			}
+		}
+		return b.unbind(ctx, a, st.driver)
 	}
-	if err := b.moveTo(ctx, a, st, o.Driver, probeOverride); err != nil {
+	if !b.fs.DriverLoaded(o.Driver) {
+		return &StepError{Address: o.Address, Step: StepCheckDriver, Err: fmt.Errorf("%s: %w: %s does not exist",
+			o.Driver, ErrDriverNotLoaded, b.fs.Path(pci.BusDriversDir, o.Driver))}
+	}
+	if err := b.moveTo(ctx, a, st, o.Driver); err != nil {
 		return err
 	}
-	if probeOverride != o.DriverOverride {
+	if o.DriverOverride != o.Driver {
 		return b.setOverride(a, o.DriverOverride)
 	}
 	return nil
 }
 
-// moveTo makes driver the bound driver of a ("" = none), probing with
-// driver_override set to override.
-func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver, override string) error {
-	if driver != "" && st.driver != driver && !b.fs.DriverLoaded(driver) {
-		return &StepError{Address: a.String(), Step: StepCheckDriver, Err: fmt.Errorf("%s: %w: %s does not exist",
-			driver, ErrDriverNotLoaded, b.fs.Path(pci.BusDriversDir, driver))}
-	}
-	if st.override != override {
-		if err := b.setOverride(a, override); err != nil {
+// moveTo binds a, whose state is st, to driver: it sets driver_override to
+// driver, unbinds a from its current driver, probes and waits for driver.
+func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver string) error {
+	if st.override != driver {
+		if err := b.setOverride(a, driver); err != nil {
 			return err
 		}
 	}
-	if st.driver == driver {
-		return nil
-	}
 	if st.driver != "" {
-		unbind := b.fs.Path(pci.BusDriversDir, st.driver, "unbind")
-		if err := b.w.WriteFile(unbind, []byte(a.String())); err != nil {
-			return &StepError{Address: a.String(), Step: StepUnbind, Err: err}
-		}
-		if err := b.waitDriver(ctx, a, func(d string) (bool, error) { return d != st.driver, nil }); err != nil {
-			return &StepError{Address: a.String(), Step: StepWaitUnbind, Err: err}
+		if err := b.unbind(ctx, a, st.driver); err != nil {
+			return err
 		}
 	}
-	if driver == "" {
-		return nil
-	}
-	if err := b.w.WriteFile(b.fs.Path(pci.DriversProbe), []byte(a.String())); err != nil {
+	if err := b.write(b.fs.Path(pci.DriversProbe), []byte(a.String())); err != nil {
 		return &StepError{Address: a.String(), Step: StepProbe, Err: err}
 	}
 	bound := func(d string) (bool, error) {
@@ -357,16 +414,64 @@ func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver, ov
 	return nil
 }
 
+// unbind writes a to the unbind file of driver, its current driver, and
+// waits until the driver link is gone.
+func (b *Binder) unbind(ctx context.Context, a pci.Address, driver string) error {
+	if err := b.write(b.fs.Path(pci.BusDriversDir, driver, "unbind"), []byte(a.String())); err != nil {
+		return &StepError{Address: a.String(), Step: StepUnbind, Err: err}
+	}
+	if err := b.waitDriver(ctx, a, func(d string) (bool, error) { return d != driver, nil }); err != nil {
+		return &StepError{Address: a.String(), Step: StepWaitUnbind, Err: err}
+	}
+	return nil
+}
+
 // setOverride writes value to driver_override; a bare newline clears it.
 func (b *Binder) setOverride(a pci.Address, value string) error {
 	data := value
 	if data == "" {
 		data = clearOverride
 	}
-	if err := b.w.WriteFile(b.fs.DevicePath(a, "driver_override"), []byte(data)); err != nil {
+	if err := b.write(b.fs.DevicePath(a, "driver_override"), []byte(data)); err != nil {
 		return &StepError{Address: a.String(), Step: StepSetOverride, Err: err}
 	}
 	return nil
+}
+
+// write passes one write to the Writer and waits for it at most the
+// timeout (see bounded): a write that does not return in time fails with
+// ErrTimeout, and may still take effect later.
+func (b *Binder) write(path string, data []byte) error {
+	_, err := bounded(b.timeout, fmt.Sprintf("write %q to %s", data, path), func() (struct{}, error) {
+		return struct{}{}, b.w.WriteFile(path, data)
+	})
+	return err
+}
+
+// bounded runs fn in a goroutine and waits at most timeout for it to
+// return. When it does not, bounded returns an error wrapping ErrTimeout
+// and leaves the goroutine behind: a sysfs access blocked in the kernel
+// cannot be called back, so the goroutine stays until the kernel lets it
+// go, and its result is dropped.
+func bounded[T any](timeout time.Duration, what string, fn func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := fn()
+		done <- result{v, err}
+	}()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case r := <-done:
+		return r.v, r.err
+	case <-timer.C:
+		var zero T
+		return zero, fmt.Errorf("%s: no return after %s: %w", what, timeout, ErrTimeout)
+	}
 }
 
 func (b *Binder) waitDriver(ctx context.Context, a pci.Address, done func(driver string) (bool, error)) error {
@@ -434,9 +539,42 @@ func parseAll(originals []Original) ([]pci.Address, error) {
 	return addrs, nil
 }
 
-// GroupEndpoints returns the members of an IOMMU group that are not
-// bridges, sorted. Bridges stay with their host driver (pcieport, or none):
-// a group is viable for VFIO with them in it.
+// checkOthers checks that the members of group that Bind leaves alone (not
+// in addrs) would not keep user space from using the group.
+func (b *Binder) checkOthers(group int, addrs []pci.Address) error {
+	members, err := b.fs.IOMMUGroupMembers(group)
+	if err != nil {
+		return &StepError{Step: StepCheckGroup, Err: err}
+	}
+	for _, m := range members {
+		if slices.Contains(addrs, m) {
+			continue
+		}
+		drv, err := b.fs.CurrentDriver(m)
+		if err != nil {
+			return &StepError{Address: m.String(), Step: StepCheckGroup, Err: err}
+		}
+		if drv != "" && !managesDMA(drv) {
+			return &StepError{Address: m.String(), Step: StepCheckGroup, Err: fmt.Errorf(
+				"not among the functions to bind, but bound to %s, which keeps IOMMU group %d from being used (the driver does not manage DMA itself)",
+				drv, group)}
+		}
+	}
+	return nil
+}
+
+// managesDMA reports whether a bound driver leaves a group usable by user
+// space: VFIO drivers, pci-stub and pcieport manage DMA themselves.
+func managesDMA(driver string) bool {
+	return driver == "vfio-pci" || strings.HasSuffix(driver, "_vfio_pci") || driver == "pci-stub" || driver == "pcieport"
+}
+
+// GroupEndpoints returns the members of an IOMMU group that Bind has to
+// move, sorted: every member except host bridges and PCI-to-PCI bridges
+// (class 0x0600xx and 0x0604xx) that are driverless or on pcieport or
+// pci-stub. Those stay as they are: a group is viable for VFIO with them
+// in it (pci.Device.IsPassiveBridge). Any other member, an ISA bridge on
+// lpc_ich (class 0x0601) for example, counts as an endpoint.
 func GroupEndpoints(fs *pci.FS, group int) ([]pci.Address, error) {
 	members, err := fs.IOMMUGroupMembers(group)
 	if err != nil {
@@ -448,7 +586,7 @@ func GroupEndpoints(fs *pci.FS, group int) ([]pci.Address, error) {
 		if err != nil {
 			return nil, fmt.Errorf("IOMMU group %d: %w", group, err)
 		}
-		if !d.IsBridge() {
+		if !d.IsPassiveBridge() {
 			out = append(out, a)
 		}
 	}

@@ -3,8 +3,10 @@ package vfio_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -30,6 +32,10 @@ import (
 //	6  0000:00:02.0 NIC without a driver
 //	7  0000:00:03.0 NIC already on vfio-pci
 //	8  0000:00:04.0 on vfio-pci + 0000:00:04.1 on e1000e
+//	9  0000:05:00.0 SR-IOV PF (ixgbe) with sriov_drivers_autoprobe=0
+//	10 0000:05:10.0 its VF (ixgbevf)
+//	11 0000:05:10.2 its VF (ixgbevf)
+//	12 0000:00:1f.0 ISA bridge (lpc_ich) + 0000:00:1f.4 SMBus (i801_smbus)
 const (
 	hostBridge = "0000:00:00.0"
 	gpu        = "0000:01:00.0"
@@ -42,6 +48,11 @@ const (
 	vfioNIC    = "0000:00:03.0"
 	mixedVFIO  = "0000:00:04.0"
 	mixedHost  = "0000:00:04.1"
+	pf         = "0000:05:00.0"
+	vf1        = "0000:05:10.0"
+	vf2        = "0000:05:10.2"
+	isaBridge  = "0000:00:1f.0"
+	smbus      = "0000:00:1f.4"
 )
 
 type machine struct {
@@ -78,6 +89,11 @@ func newMachine(t *testing.T) *machine {
 		pcitest.Function{Address: vfioNIC, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "vfio-pci", IOMMUGroup: 7},
 		pcitest.Function{Address: mixedVFIO, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "vfio-pci", IOMMUGroup: 8},
 		pcitest.Function{Address: mixedHost, Vendor: intel, Device: 0x10d3, Class: netCls, Driver: "e1000e", IOMMUGroup: 8},
+		pcitest.Function{Address: pf, Vendor: intel, Device: 0x10fb, Class: netCls, Driver: "ixgbe", IOMMUGroup: 9, SRIOVTotalVFs: 2},
+		pcitest.Function{Address: vf1, Vendor: intel, Device: 0x10ed, Class: netCls, Driver: "ixgbevf", IOMMUGroup: 10, PhysFn: pf},
+		pcitest.Function{Address: vf2, Vendor: intel, Device: 0x10ed, Class: netCls, Driver: "ixgbevf", IOMMUGroup: 11, PhysFn: pf},
+		pcitest.Function{Address: isaBridge, Vendor: intel, Device: 0xa305, Class: 0x060100, Driver: "lpc_ich", IOMMUGroup: 12},
+		pcitest.Function{Address: smbus, Vendor: intel, Device: 0xa323, Class: 0x0c0500, Driver: "i801_smbus", IOMMUGroup: 12},
 	)
 	if err != nil {
 		t.Fatal(err)
@@ -96,6 +112,10 @@ func newMachine(t *testing.T) *machine {
 	}
 	k.SetNative(vfioNIC, "e1000e")
 	k.SetNative(mixedVFIO, "e1000e")
+	// The PF has sriov_drivers_autoprobe=0: drivers_probe binds its VFs
+	// only to the driver their override names.
+	k.SetNative(vf1, "")
+	k.SetNative(vf2, "")
 	return &machine{tree: tree, fs: fs, dev: dev, kernel: k}
 }
 
@@ -120,7 +140,11 @@ func (m *machine) state(t *testing.T, addrs ...string) []vfio.Original {
 		if err != nil {
 			t.Fatal(err)
 		}
-		out = append(out, vfio.Original{Address: s, Driver: d.Driver, DriverOverride: d.DriverOverride})
+		ov, err := pci.ReadDriverOverride(m.fs.DevicePath(a, "driver_override"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, vfio.Original{Address: s, Driver: d.Driver, DriverOverride: ov})
 	}
 	return out
 }
@@ -181,9 +205,10 @@ func TestBindRestore(t *testing.T) {
 				"probe 0000:02:00.0",
 			},
 			restoreWrite: []string{
-				"driver_override 0000:02:00.0 (null)",
+				"driver_override 0000:02:00.0 e1000e",
 				"unbind 0000:02:00.0 vfio-pci",
 				"probe 0000:02:00.0",
+				"driver_override 0000:02:00.0 (null)",
 			},
 		},
 		{
@@ -197,9 +222,10 @@ func TestBindRestore(t *testing.T) {
 				"probe 0000:02:00.0",
 			},
 			restoreWrite: []string{
-				"driver_override 0000:02:00.0 (null)",
+				"driver_override 0000:02:00.0 e1000e",
 				"unbind 0000:02:00.0 mlx5_vfio_pci",
 				"probe 0000:02:00.0",
+				"driver_override 0000:02:00.0 (null)",
 			},
 		},
 		{
@@ -217,12 +243,14 @@ func TestBindRestore(t *testing.T) {
 				"probe 0000:01:00.1",
 			},
 			restoreWrite: []string{
-				"driver_override 0000:01:00.0 (null)",
+				"driver_override 0000:01:00.0 nvidia",
 				"unbind 0000:01:00.0 vfio-pci",
 				"probe 0000:01:00.0",
-				"driver_override 0000:01:00.1 (null)",
+				"driver_override 0000:01:00.0 (null)",
+				"driver_override 0000:01:00.1 snd_hda_intel",
 				"unbind 0000:01:00.1 vfio-pci",
 				"probe 0000:01:00.1",
+				"driver_override 0000:01:00.1 (null)",
 			},
 		},
 		{
@@ -240,12 +268,14 @@ func TestBindRestore(t *testing.T) {
 				"probe 0000:03:02.0",
 			},
 			restoreWrite: []string{
-				"driver_override 0000:03:01.0 (null)",
+				"driver_override 0000:03:01.0 e1000",
 				"unbind 0000:03:01.0 vfio-pci",
 				"probe 0000:03:01.0",
-				"driver_override 0000:03:02.0 (null)",
+				"driver_override 0000:03:01.0 (null)",
+				"driver_override 0000:03:02.0 e1000",
 				"unbind 0000:03:02.0 vfio-pci",
 				"probe 0000:03:02.0",
+				"driver_override 0000:03:02.0 (null)",
 			},
 		},
 		{
@@ -281,9 +311,55 @@ func TestBindRestore(t *testing.T) {
 				"probe 0000:00:04.1",
 			},
 			restoreWrite: []string{
-				"driver_override 0000:00:04.1 (null)",
+				"driver_override 0000:00:04.1 e1000e",
 				"unbind 0000:00:04.1 vfio-pci",
 				"probe 0000:00:04.1",
+				"driver_override 0000:00:04.1 (null)",
+			},
+		},
+		{
+			// Without an override, drivers_probe would leave the VF
+			// driverless.
+			name:      "VF of a PF with sriov_drivers_autoprobe=0",
+			group:     10,
+			target:    "vfio-pci",
+			endpoints: []string{vf1},
+			bindWrites: []string{
+				"driver_override 0000:05:10.0 vfio-pci",
+				"unbind 0000:05:10.0 ixgbevf",
+				"probe 0000:05:10.0",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:05:10.0 ixgbevf",
+				"unbind 0000:05:10.0 vfio-pci",
+				"probe 0000:05:10.0",
+				"driver_override 0000:05:10.0 (null)",
+			},
+		},
+		{
+			// An ISA bridge on lpc_ich is no bridge to leave alone: the
+			// group is usable only with it off lpc_ich.
+			name:      "chipset group: ISA bridge and SMBus",
+			group:     12,
+			target:    "vfio-pci",
+			endpoints: []string{isaBridge, smbus},
+			bindWrites: []string{
+				"driver_override 0000:00:1f.0 vfio-pci",
+				"unbind 0000:00:1f.0 lpc_ich",
+				"probe 0000:00:1f.0",
+				"driver_override 0000:00:1f.4 vfio-pci",
+				"unbind 0000:00:1f.4 i801_smbus",
+				"probe 0000:00:1f.4",
+			},
+			restoreWrite: []string{
+				"driver_override 0000:00:1f.0 lpc_ich",
+				"unbind 0000:00:1f.0 vfio-pci",
+				"probe 0000:00:1f.0",
+				"driver_override 0000:00:1f.0 (null)",
+				"driver_override 0000:00:1f.4 i801_smbus",
+				"unbind 0000:00:1f.4 vfio-pci",
+				"probe 0000:00:1f.4",
+				"driver_override 0000:00:1f.4 (null)",
 			},
 		},
 	}
@@ -396,11 +472,13 @@ func TestBindFailureRollsBack(t *testing.T) {
 				"probe 0000:01:00.0",
 				"driver_override 0000:01:00.1 vfio-pci",
 				"unbind 0000:01:00.1 snd_hda_intel",
-				// rollback, last changed first
+				// rollback, last changed first; the audio function is
+				// still on its driver and only needs its override back
 				"driver_override 0000:01:00.1 (null)",
-				"driver_override 0000:01:00.0 (null)",
+				"driver_override 0000:01:00.0 nvidia",
 				"unbind 0000:01:00.0 vfio-pci",
 				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.0 (null)",
 			},
 		},
 		{
@@ -422,11 +500,14 @@ func TestBindFailureRollsBack(t *testing.T) {
 				"driver_override 0000:01:00.1 vfio-pci",
 				"unbind 0000:01:00.1 snd_hda_intel",
 				"probe 0000:01:00.1",
-				"driver_override 0000:01:00.1 (null)",
+				// rollback: the audio function is driverless
+				"driver_override 0000:01:00.1 snd_hda_intel",
 				"probe 0000:01:00.1",
-				"driver_override 0000:01:00.0 (null)",
+				"driver_override 0000:01:00.1 (null)",
+				"driver_override 0000:01:00.0 nvidia",
 				"unbind 0000:01:00.0 vfio-pci",
 				"probe 0000:01:00.0",
+				"driver_override 0000:01:00.0 (null)",
 			},
 		},
 	}
@@ -467,6 +548,142 @@ func TestBindFailureRollsBack(t *testing.T) {
 	}
 }
 
+// TestBindRollbackFunctionGone: a function that disappears while Bind runs
+// needs no rollback and adds no error.
+func TestBindRollbackFunctionGone(t *testing.T) {
+	m := newMachine(t)
+	m.kernel.FailNext("unbind", gpuAudio, syscall.EBUSY)
+	w := &hookWriter{k: m.kernel, before: func(path string, data []byte) bool {
+		// The GPU is unplugged while Bind works on the audio function.
+		if filepath.Base(path) == "unbind" && string(data) == gpuAudio {
+			if err := m.hotRemove(gpu); err != nil {
+				t.Error(err)
+			}
+		}
+		return true
+	}}
+	b := m.binder(w, time.Second)
+	originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = b.Bind(t.Context(), 2, originals, "vfio-pci")
+	var se *vfio.StepError
+	if !errors.As(err, &se) || se.Address != gpuAudio || se.Step != vfio.StepUnbind || !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("Bind error %v, want EBUSY at the unbind of %s", err, gpuAudio)
+	}
+	if strings.Contains(err.Error(), "roll back") {
+		t.Errorf("Bind error %q: the rollback of the removed GPU failed", err)
+	}
+	if diff := cmp.Diff(originals[1:], m.state(t, gpuAudio)); diff != "" {
+		t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+	}
+	if isCharDevice(t, m.groupNode(2)) {
+		t.Error("/dev/vfio/2 left behind")
+	}
+}
+
+// TestWriteTimeout: an unbind from vfio-pci blocks in the kernel while user
+// space holds the device open. The Binder gives up after its timeout; the
+// write goes through once the device is closed.
+func TestWriteTimeout(t *testing.T) {
+	m := newMachine(t)
+	originals, err := m.binder(nil, time.Second).Snapshot(addrs(t, nic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.binder(nil, 5*time.Second).Bind(t.Context(), 4, originals, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
+		if filepath.Base(path) == "unbind" {
+			<-release
+		}
+		return true
+	}}
+	start := time.Now()
+	err = m.binder(w, 100*time.Millisecond).Restore(t.Context(), originals, "vfio-pci")
+	var se *vfio.StepError
+	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepUnbind || !errors.Is(err, vfio.ErrTimeout) {
+		t.Fatalf("Restore error %v, want ErrTimeout at the unbind of %s", err, nic)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Restore took %s with a 100ms timeout", d)
+	}
+	if !strings.Contains(err.Error(), "vfio-pci/unbind") {
+		t.Errorf("message %q does not name the file", err)
+	}
+	if d := m.state(t, nic)[0].Driver; d != "vfio-pci" {
+		t.Errorf("driver %q while the unbind is blocked, want vfio-pci", d)
+	}
+
+	// User space closes the device: the blocked write goes through.
+	close(release)
+	released = true
+	deadline := time.Now().Add(5 * time.Second)
+	for m.state(t, nic)[0].Driver != "" {
+		if time.Now().After(deadline) {
+			t.Fatal("the blocked unbind never went through")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := m.binder(nil, 5*time.Second).Restore(t.Context(), originals, "vfio-pci"); err != nil {
+		t.Fatalf("second Restore: %v", err)
+	}
+	if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+		t.Errorf("state after Restore (-original +now):\n%s", diff)
+	}
+}
+
+// TestReadTimeout: while an unbind is blocked in the kernel it holds the
+// device lock, and reading driver_override (which takes that lock) blocks
+// too. A FIFO stands in for such an attribute: opening it blocks until a
+// writer comes.
+func TestReadTimeout(t *testing.T) {
+	m := newMachine(t)
+	file := m.fs.DevicePath(addrs(t, nic)[0], "driver_override")
+	if err := os.Remove(file); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(file, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		// Let the readers left behind go.
+		f, err := os.OpenFile(file, os.O_WRONLY, 0)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		_, _ = f.WriteString("(null)\n")
+		_ = f.Close()
+	}()
+	b := m.binder(nil, 100*time.Millisecond)
+	start := time.Now()
+	_, err := b.Snapshot(addrs(t, nic))
+	var se *vfio.StepError
+	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
+		t.Errorf("Snapshot error %v, want ErrTimeout at %q of %s", err, vfio.StepReadState, nic)
+	}
+	err = b.Restore(t.Context(), []vfio.Original{{Address: nic, Driver: "e1000e"}, {Address: gpu, Driver: "nvidia"}}, "vfio-pci")
+	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
+		t.Errorf("Restore error %v, want ErrTimeout at %q of %s", err, vfio.StepReadState, nic)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Snapshot and Restore took %s with a 100ms timeout", d)
+	}
+	if w := m.kernel.Writes(); len(w) > 0 {
+		t.Errorf("wrote %q", w)
+	}
+}
+
 func TestBindRefusesBeforeWriting(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -481,6 +698,14 @@ func TestBindRefusesBeforeWriting(t *testing.T) {
 		{name: "function from another group", group: 4, addrs: []string{nic, gpu}, target: "vfio-pci",
 			wantMsg: "0000:01:00.0: check IOMMU group"},
 		{name: "no functions", group: 4, target: "vfio-pci", wantMsg: "no functions"},
+		// The kernel would refuse user space the group: a member left
+		// out is on a driver that does not manage DMA itself.
+		{name: "SMBus without the ISA bridge on lpc_ich", group: 12, addrs: []string{smbus}, target: "vfio-pci",
+			wantMsg: "0000:00:1f.0: check IOMMU group: not among the functions to bind, but bound to lpc_ich"},
+		{name: "GPU without its audio function", group: 2, addrs: []string{gpu}, target: "vfio-pci",
+			wantMsg: "0000:01:00.1: check IOMMU group: not among the functions to bind, but bound to snd_hda_intel"},
+		{name: "one NIC behind the PCI bridge", group: 5, addrs: []string{oldNIC2}, target: "vfio-pci",
+			wantMsg: "0000:03:01.0: check IOMMU group: not among the functions to bind, but bound to e1000"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -502,6 +727,101 @@ func TestBindRefusesBeforeWriting(t *testing.T) {
 				t.Errorf("error %q does not contain %q", err, tt.wantMsg)
 			}
 			if w := m.kernel.Writes(); len(w) > 0 {
+				t.Errorf("wrote %q", w)
+			}
+		})
+	}
+}
+
+// TestBindOtherMembers: members that Bind leaves alone are fine when they
+// are driverless or on a driver that manages DMA itself, whatever their
+// class; GroupEndpoints leaves out only host and PCI-to-PCI bridges that
+// are driverless or on pcieport or pci-stub.
+func TestBindOtherMembers(t *testing.T) {
+	tests := []struct {
+		name   string
+		class  uint32
+		driver string
+		// endpoint: GroupEndpoints lists the other member.
+		endpoint bool
+		// bindAlone: Bind of the NIC alone passes the group check.
+		bindAlone bool
+	}{
+		{name: "host bridge without driver", class: 0x060000, bindAlone: true},
+		{name: "host bridge on pci-stub", class: 0x060000, driver: "pci-stub", bindAlone: true},
+		{name: "root port on pcieport", class: 0x060400, driver: "pcieport", bindAlone: true},
+		{name: "subtractive decode PCI bridge without driver", class: 0x060401, bindAlone: true},
+		{name: "PCI bridge on vfio-pci", class: 0x060400, driver: "vfio-pci", endpoint: true, bindAlone: true},
+		{name: "PCI bridge on shpchp", class: 0x060400, driver: "shpchp", endpoint: true},
+		{name: "ISA bridge on lpc_ich", class: 0x060100, driver: "lpc_ich", endpoint: true},
+		{name: "ISA bridge without driver", class: 0x060100, endpoint: true, bindAlone: true},
+		{name: "ISA bridge on pci-stub", class: 0x060100, driver: "pci-stub", endpoint: true, bindAlone: true},
+		{name: "CardBus bridge on yenta_cardbus", class: 0x060700, driver: "yenta_cardbus", endpoint: true},
+		{name: "SMBus on i801_smbus", class: 0x0c0500, driver: "i801_smbus", endpoint: true},
+		{name: "NIC on a variant driver", class: 0x020000, driver: "mlx5_vfio_pci", endpoint: true, bindAlone: true},
+	}
+	dir := t.TempDir()
+	tree, err := pcitest.New(filepath.Join(dir, "sys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.AddDriver("vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	other := func(i int) string { return fmt.Sprintf("0000:00:%02x.0", i+1) }
+	nicOf := func(i int) string { return fmt.Sprintf("0000:00:%02x.1", i+1) }
+	for i, tt := range tests {
+		err := tree.Add(
+			pcitest.Function{Address: other(i), Vendor: 0x8086, Device: 0x1234, Class: tt.class, Driver: tt.driver, IOMMUGroup: i},
+			pcitest.Function{Address: nicOf(i), Vendor: 0x8086, Device: 0x10d3, Class: 0x020000, Driver: "e1000e", IOMMUGroup: i},
+		)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	fs, err := pci.NewFS(tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := pcitest.NewKernel(tree.Root, filepath.Join(dir, "dev"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := vfio.NewBinder(fs, filepath.Join(dir, "dev"), vfio.Options{Writer: k, Timeout: time.Second, PollInterval: time.Millisecond})
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			want := addrs(t, nicOf(i))
+			if tt.endpoint {
+				want = addrs(t, other(i), nicOf(i))
+			}
+			got, err := vfio.GroupEndpoints(fs, i)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(want, got); diff != "" {
+				t.Errorf("GroupEndpoints (-want +got):\n%s", diff)
+			}
+
+			originals, err := b.Snapshot(addrs(t, nicOf(i)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := len(k.Writes())
+			err = b.Bind(t.Context(), i, originals, "vfio-pci")
+			if tt.bindAlone {
+				if err != nil {
+					t.Fatalf("Bind of the NIC alone: %v", err)
+				}
+				if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+					t.Fatalf("Restore: %v", err)
+				}
+				return
+			}
+			var se *vfio.StepError
+			if !errors.As(err, &se) || se.Address != other(i) || se.Step != vfio.StepCheckGroup || !strings.Contains(err.Error(), tt.driver) {
+				t.Errorf("Bind of the NIC alone: %v; want a StepError at %q naming %s and %s", err, vfio.StepCheckGroup, other(i), tt.driver)
+			}
+			if w := k.Writes()[n:]; len(w) > 0 {
 				t.Errorf("wrote %q", w)
 			}
 		})
@@ -690,7 +1010,7 @@ func TestBindWaits(t *testing.T) {
 }
 
 func TestRestore(t *testing.T) {
-	t.Run("override naming another driver is set after the probe", func(t *testing.T) {
+	t.Run("original override naming another driver is set after the probe", func(t *testing.T) {
 		m := newMachine(t)
 		b := m.binder(nil, 5*time.Second)
 		// The administrator pinned the NIC to igb (not loaded) while e1000e
@@ -714,7 +1034,7 @@ func TestRestore(t *testing.T) {
 			t.Fatal(err)
 		}
 		wantWrites := []string{
-			"driver_override 0000:02:00.0 (null)",
+			"driver_override 0000:02:00.0 e1000e",
 			"unbind 0000:02:00.0 vfio-pci",
 			"probe 0000:02:00.0",
 			"driver_override 0000:02:00.0 igb",
@@ -776,7 +1096,7 @@ func TestRestore(t *testing.T) {
 	t.Run("original driver not loaded", func(t *testing.T) {
 		m := newMachine(t)
 		b := m.binder(nil, 5*time.Second)
-		originals := []vfio.Original{{Address: vfioNIC, Driver: "ixgbe"}}
+		originals := []vfio.Original{{Address: vfioNIC, Driver: "igb"}}
 		err := b.Restore(t.Context(), originals, "vfio-pci")
 		var se *vfio.StepError
 		if !errors.As(err, &se) || se.Address != vfioNIC || se.Step != vfio.StepCheckDriver || !errors.Is(err, vfio.ErrDriverNotLoaded) {
@@ -790,14 +1110,228 @@ func TestRestore(t *testing.T) {
 		}
 	})
 
-	t.Run("unknown device", func(t *testing.T) {
+	t.Run("leftover override on the original driver is one write", func(t *testing.T) {
 		m := newMachine(t)
 		b := m.binder(nil, 5*time.Second)
-		err := b.Restore(t.Context(), []vfio.Original{{Address: "0000:7f:00.0", Driver: "e1000e"}}, "vfio-pci")
-		if !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "0000:7f:00.0: read state") {
-			t.Errorf("Restore error %v, want a read state error wrapping ErrNotExist", err)
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A Bind that stopped after its first write.
+		if err := m.kernel.WriteFile(m.fs.DevicePath(addrs(t, nic)[0], "driver_override"), []byte("vfio-pci")); err != nil {
+			t.Fatal(err)
+		}
+		n := len(m.kernel.Writes())
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff([]string{"driver_override 0000:02:00.0 (null)"}, m.kernel.Writes()[n:]); diff != "" {
+			t.Errorf("Restore writes (-want +got):\n%s", diff)
+		}
+		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
 		}
 	})
+
+	t.Run("driverless function gets its override back", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		originals := []vfio.Original{{Address: bareNIC, DriverOverride: "virtio-pci"}}
+		if err := m.kernel.WriteFile(m.fs.DevicePath(addrs(t, bareNIC)[0], "driver_override"), []byte("virtio-pci")); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 6, originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		n := len(m.kernel.Writes())
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		want := []string{"driver_override 0000:00:02.0 virtio-pci", "unbind 0000:00:02.0 vfio-pci"}
+		if diff := cmp.Diff(want, m.kernel.Writes()[n:]); diff != "" {
+			t.Errorf("Restore writes (-want +got):\n%s", diff)
+		}
+		if diff := cmp.Diff(originals, m.state(t, bareNIC)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
+		}
+	})
+
+	// Without an override, drivers_probe binds the first driver that
+	// matches: the wrong one here.
+	for _, tt := range []struct {
+		name      string
+		group     int
+		addr      string
+		other     string // what drivers_probe picks without override
+		endpoints []string
+	}{
+		{name: "nouveau loaded next to nvidia", group: 2, addr: gpu, other: "nouveau", endpoints: []string{gpu, gpuAudio}},
+		{name: "vfio-pci new_id matches the NIC", group: 4, addr: nic, other: "vfio-pci", endpoints: []string{nic}},
+	} {
+		t.Run("original driver although "+tt.name, func(t *testing.T) {
+			m := newMachine(t)
+			if err := m.tree.AddDriver(tt.other); err != nil {
+				t.Fatal(err)
+			}
+			m.kernel.SetNative(tt.addr, tt.other)
+			b := m.binder(nil, 5*time.Second)
+			originals, err := b.Snapshot(addrs(t, tt.endpoints...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Bind(t.Context(), tt.group, originals, "vfio-pci"); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(originals, m.state(t, tt.endpoints...)); diff != "" {
+				t.Errorf("state after Restore (-original +now):\n%s", diff)
+			}
+		})
+	}
+
+	t.Run("VF removed between Bind and Restore", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		origs1, err := b.Snapshot(addrs(t, vf1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		origs2, err := b.Snapshot(addrs(t, vf2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 10, origs1, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 11, origs2, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.hotRemove(vf1); err != nil {
+			t.Fatal(err)
+		}
+		n := len(m.kernel.Writes())
+		gone, err := b.RestoreReport(t.Context(), origs1, "vfio-pci")
+		if err != nil {
+			t.Errorf("RestoreReport of a removed VF: %v, want no error", err)
+		}
+		if diff := cmp.Diff([]string{vf1}, gone); diff != "" {
+			t.Errorf("gone (-want +got):\n%s", diff)
+		}
+		if err := b.Restore(t.Context(), origs1, "vfio-pci"); err != nil {
+			t.Errorf("Restore of a removed VF: %v, want no error", err)
+		}
+		if w := m.kernel.Writes()[n:]; len(w) > 0 {
+			t.Errorf("wrote %q for a removed VF", w)
+		}
+		// The other VF is given back as usual.
+		gone, err = b.RestoreReport(t.Context(), origs2, "vfio-pci")
+		if err != nil || len(gone) > 0 {
+			t.Errorf("RestoreReport of the other VF: gone %q, %v; want none and no error", gone, err)
+		}
+		if diff := cmp.Diff(origs2, m.state(t, vf2)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
+		}
+	})
+
+	t.Run("function removed while Restore runs", func(t *testing.T) {
+		m := newMachine(t)
+		originals, err := m.binder(nil, time.Second).Snapshot(addrs(t, oldNIC1, oldNIC2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.binder(nil, time.Second).Bind(t.Context(), 5, originals, "vfio-pci"); err != nil {
+			t.Fatal(err)
+		}
+		removed := false
+		w := &hookWriter{k: m.kernel, before: func(path string, data []byte) bool {
+			// Unplugged just before its unbind: the write fails with
+			// ENODEV.
+			if filepath.Base(path) == "unbind" && string(data) == oldNIC1 && !removed {
+				removed = true
+				if err := m.hotRemove(oldNIC1); err != nil {
+					t.Error(err)
+				}
+			}
+			return true
+		}}
+		gone, err := m.binder(w, time.Second).RestoreReport(t.Context(), originals, "vfio-pci")
+		if err != nil || !slices.Equal(gone, []string{oldNIC1}) {
+			t.Errorf("RestoreReport: gone %q, %v; want [%s] and no error", gone, err, oldNIC1)
+		}
+		if !removed {
+			t.Error("the function was not removed")
+		}
+		if diff := cmp.Diff(originals[1:], m.state(t, oldNIC2)); diff != "" {
+			t.Errorf("state after Restore (-original +now):\n%s", diff)
+		}
+	})
+
+	t.Run("device that does not exist", func(t *testing.T) {
+		m := newMachine(t)
+		b := m.binder(nil, 5*time.Second)
+		originals := []vfio.Original{
+			{Address: "0000:7f:00.0", Driver: "e1000e"},
+			{Address: "0000:7f:00", Driver: "e1000e"},
+		}
+		gone, err := b.RestoreReport(t.Context(), originals, "vfio-pci")
+		if diff := cmp.Diff([]string{"0000:7f:00.0"}, gone); diff != "" {
+			t.Errorf("gone (-want +got):\n%s", diff)
+		}
+		// An address that cannot be parsed is an error, not gone.
+		var se *vfio.StepError
+		if !errors.As(err, &se) || se.Address != "0000:7f:00" || se.Step != vfio.StepReadState || strings.Contains(err.Error(), "0000:7f:00.0") {
+			t.Errorf("RestoreReport error %v, want a read state error for 0000:7f:00 only", err)
+		}
+		if w := m.kernel.Writes(); len(w) > 0 {
+			t.Errorf("wrote %q", w)
+		}
+	})
+}
+
+// hotRemove removes a function as Linux does when a VF goes (sriov_numvfs
+// set to 0) or a device is unplugged: the driver lets go of it, then its
+// directory and the links to it go.
+func (m *machine) hotRemove(addr string) error {
+	a, err := pci.ParseAddress(addr)
+	if err != nil {
+		return err
+	}
+	d, err := m.fs.Device(a)
+	if err != nil {
+		return err
+	}
+	if d.Driver != "" {
+		if err := m.kernel.WriteFile(m.fs.Path(pci.BusDriversDir, d.Driver, "unbind"), []byte(addr)); err != nil {
+			return err
+		}
+	}
+	dir, err := filepath.EvalSymlinks(m.fs.DevicePath(a))
+	if err != nil {
+		return err
+	}
+	links := []string{m.fs.DevicePath(a)}
+	if d.IOMMUGroup != nil {
+		links = append(links, m.fs.Path(pci.IOMMUGroupDir, strconv.Itoa(*d.IOMMUGroup), "devices", addr))
+	}
+	if d.PhysFn != nil {
+		virtfns, err := filepath.Glob(m.fs.DevicePath(*d.PhysFn, "virtfn*"))
+		if err != nil {
+			return err
+		}
+		for _, v := range virtfns {
+			if target, err := filepath.EvalSymlinks(v); err == nil && target == dir {
+				links = append(links, v)
+			}
+		}
+	}
+	for _, l := range links {
+		if err := os.Remove(l); err != nil {
+			return err
+		}
+	}
+	return os.RemoveAll(dir)
 }
 
 func TestSnapshot(t *testing.T) {
@@ -831,6 +1365,7 @@ func TestGroupEndpoints(t *testing.T) {
 		{2, addrs(t, gpu, gpuAudio)},
 		{5, addrs(t, oldNIC1, oldNIC2)},
 		{6, addrs(t, bareNIC)},
+		{12, addrs(t, isaBridge, smbus)},
 	}
 	for _, tt := range tests {
 		got, err := vfio.GroupEndpoints(m.fs, tt.group)

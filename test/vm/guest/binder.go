@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -20,10 +22,15 @@ import (
 const target = "vfio-pci"
 
 // recorder is a vfio.Writer that delegates to vfio.OSWriter, records every
-// write and can fail chosen ones.
+// write and can fail chosen ones. The Binder calls it from a goroutine per
+// write, and a write that blocks in the kernel may outlive the Binder's
+// call, hence the lock.
 type recorder struct {
-	s      *suite
-	writes []string // "path <- data"
+	s  *suite
+	mu sync.Mutex
+	// writes holds "file <- data": file is "ADDR/driver_override",
+	// "DRIVER/unbind" or "drivers_probe".
+	writes []string
 	// fail, when set, is asked before each write; a non-nil error is
 	// returned instead of writing.
 	fail     func(path, data string) error
@@ -31,24 +38,51 @@ type recorder struct {
 }
 
 func (r *recorder) WriteFile(path string, data []byte) error {
-	r.writes = append(r.writes, fmt.Sprintf("%s <- %q", path, data))
+	r.mu.Lock()
+	r.writes = append(r.writes, fmt.Sprintf("%s <- %q", shortPath(path), data))
+	var err error
 	if r.fail != nil {
-		if err := r.fail(path, string(data)); err != nil {
+		if err = r.fail(path, string(data)); err != nil {
 			r.injected++
-			r.s.debugf("inject %v: %q > %s", err, data, path)
-			return err
 		}
 	}
-	err := vfio.OSWriter{}.WriteFile(path, data)
+	r.mu.Unlock()
+	if err != nil {
+		r.s.debugf("inject %v: %q > %s", err, data, path)
+		return err
+	}
+	err = vfio.OSWriter{}.WriteFile(path, data)
 	r.s.debugf("write %q > %s: %v", data, path, err)
 	return err
+}
+
+// shortPath names a sysfs file by its last two elements, drivers_probe
+// alone.
+func shortPath(path string) string {
+	if filepath.Base(path) == "drivers_probe" {
+		return "drivers_probe"
+	}
+	return filepath.Base(filepath.Dir(path)) + "/" + filepath.Base(path)
+}
+
+// all returns the recorded writes.
+func (r *recorder) all() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.writes)
+}
+
+func (r *recorder) injections() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.injected
 }
 
 // touching returns the recorded writes that concern a: to its own files or
 // naming it in the data.
 func (r *recorder) touching(a pci.Address) []string {
 	var out []string
-	for _, w := range r.writes {
+	for _, w := range r.all() {
 		if strings.Contains(w, a.String()) {
 			out = append(out, w)
 		}
@@ -56,7 +90,36 @@ func (r *recorder) touching(a pci.Address) []string {
 	return out
 }
 
-func (r *recorder) reset() { r.writes = nil }
+func (r *recorder) reset() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.writes = nil
+}
+
+// restoreWrites is what Restore writes to give a function on vfio-pci back
+// to o.Driver when o has no driver_override: the original driver as the
+// override, so that the probe can only pick it, unbind, probe, and the
+// override cleared again.
+func restoreWrites(o vfio.Original) []string {
+	return []string{
+		fmt.Sprintf("%s/driver_override <- %q", o.Address, o.Driver),
+		fmt.Sprintf("%s/unbind <- %q", target, o.Address),
+		fmt.Sprintf("drivers_probe <- %q", o.Address),
+		fmt.Sprintf("%s/driver_override <- %q", o.Address, "\n"),
+	}
+}
+
+// wantWrites checks the recorded writes against want.
+func (s *suite) wantWrites(rec *recorder, want []string, format string, a ...any) bool {
+	what := fmt.Sprintf(format, a...)
+	got := rec.all()
+	if !slices.Equal(got, want) {
+		s.fail("%s: writes %q, want %q", what, got, want)
+		return false
+	}
+	s.ok("%s: writes %q", what, got)
+	return true
+}
 
 func (s *suite) binder() (*vfio.Binder, *recorder) {
 	r := &recorder{s: s}
@@ -217,22 +280,35 @@ func (s *suite) binderSingle(t *topology) {
 		s.deviceCDev(b, eps[0], label)
 		rec.reset()
 		s.check(b.Bind(context.Background(), g.n, origs, target), "%s: Bind again", label)
-		if len(rec.writes) != 0 {
-			s.fail("%s: Bind of a group already on %s wrote %v", label, target, rec.writes)
+		if w := rec.all(); len(w) != 0 {
+			s.fail("%s: Bind of a group already on %s wrote %v", label, target, w)
 		} else {
 			s.ok("%s: Bind of a group already on %s writes nothing", label, target)
 		}
 	}
+	rec.reset()
 	s.restore(b, origs, label)
+	s.wantWrites(rec, restoreWrites(origs[0]), "%s: Restore probes with driver_override=%s, then clears it", label, origs[0].Driver)
 	s.wantOriginal(origs, label)
 	s.wantNode(g.n, false, "%s: group node gone after Restore", label)
 	rec.reset()
 	s.check(b.Restore(context.Background(), origs, target), "%s: Restore again", label)
-	if len(rec.writes) != 0 {
-		s.fail("%s: Restore of a restored group wrote %v", label, rec.writes)
+	if w := rec.all(); len(w) != 0 {
+		s.fail("%s: Restore of a restored group wrote %v", label, w)
 	} else {
 		s.ok("%s: Restore of a restored group writes nothing", label)
 	}
+
+	// A function on its driver with a leftover override (a Bind that
+	// stopped after its first write): one write fixes it.
+	a := eps[0]
+	if !s.wantErrno(s.write(s.overridePath(a), target), 0, "%s: leftover driver_override=%s on %s", label, target, a) {
+		return
+	}
+	rec.reset()
+	s.restore(b, origs, label+": leftover override")
+	s.wantWrites(rec, []string{fmt.Sprintf("%s/driver_override <- %q", a, "\n")}, "%s: Restore of a function on %s with a leftover override", label, origs[0].Driver)
+	s.wantOriginal(origs, label+": leftover override")
 }
 
 func (s *suite) binderShared(t *topology) {
@@ -251,7 +327,7 @@ func (s *suite) binderShared(t *topology) {
 		}
 		// Bridges are left alone.
 		for _, d := range g.members {
-			if !d.IsBridge() {
+			if !leftOnHost(d) {
 				continue
 			}
 			if w := rec.touching(d.Address); len(w) > 0 {
@@ -260,7 +336,13 @@ func (s *suite) binderShared(t *topology) {
 				s.ok("%s: bridge %s untouched (driver %q)", label, d.Address, s.state(d.Address).driver)
 			}
 		}
+		rec.reset()
 		s.restore(b, origs, label)
+		var want []string
+		for _, o := range origs {
+			want = append(want, restoreWrites(o)...)
+		}
+		s.wantWrites(rec, want, "%s: Restore probes each function with driver_override naming its driver", label)
 		s.wantOriginal(origs, label)
 		s.wantNode(g.n, false, "%s: group node gone after Restore", label)
 	}
@@ -367,6 +449,7 @@ func (s *suite) binderRollback(t *topology) {
 		}
 		second := origs[1].Address
 		rec.fail = func(path, data string) error {
+			// Called with rec.mu held.
 			if rec.injected == 0 && filepath.Base(path) == c.file && strings.TrimSpace(data) == second {
 				return fmt.Errorf("write %s: %w", path, errInjected)
 			}
@@ -375,8 +458,8 @@ func (s *suite) binderRollback(t *topology) {
 		err := b.Bind(context.Background(), c.g.n, origs, target)
 		var se *vfio.StepError
 		switch {
-		case rec.injected != 1:
-			s.fail("%s: the failure was injected %d times, want 1; writes: %v", label, rec.injected, rec.writes)
+		case rec.injections() != 1:
+			s.fail("%s: the failure was injected %d times, want 1; writes: %v", label, rec.injections(), rec.all())
 		case err == nil:
 			s.fail("%s: Bind succeeded despite the injected failure", label)
 		case !errors.As(err, &se):
@@ -427,4 +510,181 @@ func (s *suite) deviceCDev(b *vfio.Binder, a pci.Address, label string) {
 		return
 	}
 	s.ok("%s: DeviceCDev(%s) = %q (class device vfio-dev/%s, character device: %v)", label, a, name, class, want != "")
+}
+
+// binderGroupCheck: Bind of a group with a member left out, that member on
+// its host driver, would give a group the kernel refuses to user space
+// (kernel: VFIO_GROUP_SET_CONTAINER fails with EPERM). Bind must say so
+// before it writes anything.
+func (s *suite) binderGroupCheck(t *topology) {
+	for _, g := range []*iommuGroup{t.bridged[0], t.multifunction[0]} {
+		first, left := g.endpoints[0], g.endpoints[1]
+		label := fmt.Sprintf("group check %d, %s left out", g.n, left.Address)
+		b, rec := s.binder()
+		origs, err := b.Snapshot([]pci.Address{first.Address})
+		if !s.check(err, "%s: Snapshot of %s", label, first.Address) {
+			continue
+		}
+		err = b.Bind(context.Background(), g.n, origs, target)
+		var se *vfio.StepError
+		switch {
+		case !errors.As(err, &se):
+			s.fail("%s: Bind error %v, want a *vfio.StepError", label, err)
+		case se.Address != left.Address.String() || se.Step != vfio.StepCheckGroup || !strings.Contains(err.Error(), left.Driver):
+			s.fail("%s: Bind error %q: StepError{Address: %q, Step: %q}, want %s at %q naming %s", label, err, se.Address, se.Step, left.Address, vfio.StepCheckGroup, left.Driver)
+		default:
+			s.ok("%s: Bind refuses: %v", label, err)
+		}
+		if w := rec.all(); len(w) > 0 {
+			s.fail("%s: Bind wrote %q", label, w)
+		} else {
+			s.ok("%s: Bind wrote nothing", label)
+		}
+		s.wantState(first.Address, state{first.Driver, "(null)"}, "%s: unchanged", label)
+		s.wantNode(g.n, false, "%s: no group node", label)
+	}
+}
+
+// binderBlockedUnbind: while user space holds a device fd, unbinding the
+// device from vfio-pci blocks in the kernel. Restore gives up after the
+// Binder's timeout with ErrTimeout at the unbind; once the fd is closed the
+// blocked write goes through, and a second Restore finishes the job.
+func (s *suite) binderBlockedUnbind(t *topology) {
+	g := t.single[len(t.single)-1]
+	label := fmt.Sprintf("blocked unbind group %d", g.n)
+	b, rec := s.binder()
+	origs, ok := s.snapshot(b, g, label)
+	if !ok || !s.bind(b, g, origs, label) {
+		s.restore(b, origs, label)
+		return
+	}
+	a := addrsOf(origs)[0]
+	func() {
+		grp, err := openGroup(s.devRoot, g.n)
+		if !s.check(err, "%s: open /dev/vfio/%d", label, g.n) {
+			return
+		}
+		defer grp.close()
+		c, err := openContainer(s.devRoot)
+		if !s.check(err, "%s: open container", label) {
+			return
+		}
+		defer c.close()
+		if !s.check(grp.setContainer(c), "%s: VFIO_GROUP_SET_CONTAINER", label) || !s.check(c.setIOMMU(), "%s: VFIO_SET_IOMMU", label) {
+			return
+		}
+		fd, err := grp.openDevice(a.String())
+		if !s.check(err, "%s: open a device fd for %s", label, a) {
+			return
+		}
+		closed := false
+		closeFD := func() {
+			if !closed {
+				closed = true
+				_ = syscall.Close(fd)
+			}
+		}
+		defer closeFD()
+
+		const timeout = time.Second
+		short := vfio.NewBinder(s.fs, s.devRoot, vfio.Options{Writer: rec, Timeout: timeout})
+		start := time.Now()
+		err = short.Restore(context.Background(), origs, target)
+		took := time.Since(start)
+		var se *vfio.StepError
+		switch {
+		case !errors.As(err, &se) || se.Address != a.String() || se.Step != vfio.StepUnbind || !errors.Is(err, vfio.ErrTimeout):
+			s.fail("%s: Restore with the device open: %v, want ErrTimeout at %q of %s", label, err, vfio.StepUnbind, a)
+		case took > timeout+2*time.Second:
+			s.fail("%s: Restore returned after %v, want about %v", label, took, timeout)
+		default:
+			s.ok("%s: Restore with the device open returns after %v: %v", label, took.Round(time.Millisecond), err)
+		}
+		// Nothing here may read driver_override now: Linux takes the
+		// device lock to show it, and the blocked unbind holds that lock.
+		// The driver link is gone already: the driver core removes it
+		// before it calls vfio-pci's remove, which is what waits.
+		if d, err := s.fs.CurrentDriver(a); err != nil || d != "" {
+			s.fail("%s: driver link %q (%v) while the unbind is blocked, want none", label, d, err)
+		} else {
+			s.ok("%s: the driver link is gone while the unbind is blocked", label)
+		}
+		err = short.Restore(context.Background(), origs, target)
+		if !errors.As(err, &se) || se.Address != a.String() || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
+			s.fail("%s: a second Restore while the unbind is blocked: %v, want ErrTimeout at %q", label, err, vfio.StepReadState)
+		} else {
+			s.ok("%s: a second Restore while the unbind is blocked: reading driver_override blocks too: %v", label, err)
+		}
+
+		// Closing the fd lets the blocked unbind finish and release the
+		// device lock: driver_override can be read again, and holds what
+		// Restore wrote before the unbind.
+		closeFD()
+		closedAt := time.Now()
+		read := make(chan string, 1)
+		go func() { read <- s.readRaw(s.overridePath(a)) }()
+		select {
+		case ov := <-read:
+			if ov != origs[0].Driver {
+				s.fail("%s: driver_override %q after the device fd was closed, want %q", label, ov, origs[0].Driver)
+			} else {
+				s.ok("%s: the unbind finished %v after the device fd was closed; driver_override=%s", label, time.Since(closedAt).Round(time.Millisecond), ov)
+			}
+		case <-time.After(10 * time.Second):
+			s.fail("%s: driver_override still unreadable 10s after the device fd was closed", label)
+		}
+	}()
+	s.restore(b, origs, label+": after the fds are closed")
+	s.wantOriginal(origs, label)
+	s.wantNode(g.n, false, "%s: group node gone after Restore", label)
+}
+
+// binderRemoved: a function removed (sysfs remove, as for a VF when
+// sriov_numvfs goes to 0) while on vfio-pci counts as restored: Restore
+// reports it gone, without error, and restores the rest. A rescan brings it
+// back on its driver.
+func (s *suite) binderRemoved(t *topology) {
+	g := t.multifunction[0]
+	label := fmt.Sprintf("removed function group %d", g.n)
+	b, rec := s.binder()
+	origs, ok := s.snapshot(b, g, label)
+	if !ok || !s.bind(b, g, origs, label) {
+		s.restore(b, origs, label)
+		return
+	}
+	gone := g.endpoints[len(g.endpoints)-1]
+	if s.wantErrno(s.write(s.fs.DevicePath(gone.Address, "remove"), "1"), 0, "%s: remove %s", label, gone.Address) {
+		if _, err := os.Lstat(s.fs.DevicePath(gone.Address)); !errors.Is(err, os.ErrNotExist) {
+			s.fail("%s: %s still there after remove: %v", label, s.fs.DevicePath(gone.Address), err)
+		}
+		rec.reset()
+		got, err := b.RestoreReport(context.Background(), origs, target)
+		s.check(err, "%s: RestoreReport", label)
+		if !slices.Equal(got, []string{gone.Address.String()}) {
+			s.fail("%s: RestoreReport says gone: %q, want [%s]", label, got, gone.Address)
+		} else {
+			s.ok("%s: RestoreReport says gone: %q", label, got)
+		}
+		if w := rec.touching(gone.Address); len(w) > 0 {
+			s.fail("%s: Restore wrote for the removed %s: %q", label, gone.Address, w)
+		}
+		s.wantOriginal(slices.DeleteFunc(slices.Clone(origs), func(o vfio.Original) bool { return o.Address == gone.Address.String() }), label)
+		s.wantNode(g.n, false, "%s: group node gone after Restore", label)
+	}
+
+	// Bring it back.
+	s.wantErrno(s.write(s.fs.Path("bus/pci/rescan"), "1"), 0, "%s: rescan", label)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if d, err := s.fs.CurrentDriver(gone.Address); err == nil && d == gone.Driver {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	s.wantState(gone.Address, state{gone.Driver, "(null)"}, "%s: back after the rescan", label)
+	// Linux 6.1 may put the function back in a new group of its own, so
+	// the group is only reported.
+	if d, err := s.fs.Device(gone.Address); err == nil && d.IOMMUGroup != nil {
+		s.info("%s: %s is in group %d after the rescan (was %d)", label, gone.Address, *d.IOMMUGroup, g.n)
+	}
 }

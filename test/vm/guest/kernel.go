@@ -213,10 +213,14 @@ func (s *suite) kernelFacts(t *topology) {
 	s.wantErrno(s.write(s.overridePath(a), "no-such-driver"), 0, "kernel: driver_override naming a missing driver")
 	s.wantErrno(s.write(s.probePath(), a.String()), 0, "kernel: drivers_probe with an override that matches nothing")
 	s.wantState(a, state{"", "no-such-driver"}, "kernel: the device stays driverless")
-	s.wantErrno(s.write(s.overridePath(a), "\n"), 0, "kernel: clear driver_override")
+	// An override naming the host driver binds it: this is how Restore
+	// gives a function back to its original driver and no other.
+	s.wantErrno(s.write(s.overridePath(a), drvA), 0, "kernel: driver_override naming the host driver %s", drvA)
 	start := time.Now()
-	s.wantErrno(s.write(s.probePath(), a.String()), 0, "kernel: drivers_probe without override")
-	s.wantState(a, state{drvA, null}, "kernel: %s back on %s (probe took %v)", a, drvA, time.Since(start).Round(time.Millisecond))
+	s.wantErrno(s.write(s.probePath(), a.String()), 0, "kernel: drivers_probe with driver_override=%s", drvA)
+	s.wantState(a, state{drvA, drvA}, "kernel: %s back on %s through its override (probe took %v)", a, drvA, time.Since(start).Round(time.Millisecond))
+	s.wantErrno(s.write(s.overridePath(a), "\n"), 0, "kernel: clear driver_override")
+	s.wantState(a, state{drvA, null}, "kernel: clearing the override leaves %s on %s", a, drvA)
 }
 
 // nodeModes checks the modes and numbers of the VFIO nodes: the group node

@@ -120,6 +120,9 @@ var checks = []checkFunc{
 	{"binder: a member without a driver", (*suite).binderNoDriver},
 	{"binder: a member already on vfio-pci", (*suite).binderPreBound},
 	{"binder: failure half way, rollback", (*suite).binderRollback},
+	{"binder: a member left out of Bind", (*suite).binderGroupCheck},
+	{"binder: an unbind that blocks while the device is open", (*suite).binderBlockedUnbind},
+	{"binder: a function removed between Bind and Restore", (*suite).binderRemoved},
 }
 
 func addrs(as []pci.Address) string {

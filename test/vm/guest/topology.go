@@ -9,13 +9,14 @@ import (
 	"sort"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
 // iommuGroup is one IOMMU group as found at start.
 type iommuGroup struct {
 	n         int
 	members   []*pci.Device // every function, bridges included
-	endpoints []*pci.Device // the non-bridge functions
+	endpoints []*pci.Device // the functions Bind has to move (not leftOnHost)
 }
 
 func (g *iommuGroup) endpointAddrs() []pci.Address {
@@ -38,7 +39,9 @@ func (g *iommuGroup) String() string {
 // the groups picked for each kind of test.
 type topology struct {
 	devices []*pci.Device
-	groups  map[int]*iommuGroup
+	// start is every function's binding as discover found it.
+	start  map[pci.Address]state
+	groups map[int]*iommuGroup
 	// single: groups whose only member is an endpoint with a driver.
 	single []*iommuGroup
 	// bridged: two or more endpoints with drivers behind a PCI bridge
@@ -49,7 +52,24 @@ type topology struct {
 	multifunction []*iommuGroup
 }
 
-const classPCIBridge = 0x0604 // class 06, subclass 04: PCI-to-PCI bridge
+// Class and subclass (the upper 16 bits of the class code).
+const (
+	classHostBridge = 0x0600
+	classISABridge  = 0x0601
+	classPCIBridge  = 0x0604 // PCI-to-PCI bridge
+)
+
+// leftOnHost reports whether Bind leaves a group member where it is: a host
+// or PCI-to-PCI bridge that is driverless or on pcieport or pci-stub. The
+// group is viable with it. Every other function is an endpoint, an ISA
+// bridge (0x0601) for example, whatever its driver.
+func leftOnHost(d *pci.Device) bool {
+	switch d.Class >> 8 {
+	case classHostBridge, classPCIBridge:
+		return d.Driver == "" || d.Driver == "pcieport" || d.Driver == "pci-stub"
+	}
+	return false
+}
 
 func (s *suite) discover() (*topology, error) {
 	devices, problems, err := s.fs.Scan()
@@ -59,10 +79,11 @@ func (s *suite) discover() (*topology, error) {
 	for _, p := range problems {
 		s.fail("scan: %v", p)
 	}
-	t := &topology{devices: devices, groups: map[int]*iommuGroup{}}
+	t := &topology{devices: devices, start: map[pci.Address]state{}, groups: map[int]*iommuGroup{}}
 	byAddr := map[pci.Address]*pci.Device{}
 	for _, d := range devices {
 		byAddr[d.Address] = d
+		t.start[d.Address] = s.state(d.Address)
 		grp := "-"
 		if d.IOMMUGroup != nil {
 			grp = fmt.Sprint(*d.IOMMUGroup)
@@ -72,7 +93,7 @@ func (s *suite) discover() (*topology, error) {
 				t.groups[g.n] = g
 			}
 			g.members = append(g.members, d)
-			if !d.IsBridge() {
+			if !leftOnHost(d) {
 				g.endpoints = append(g.endpoints, d)
 			}
 		}
@@ -103,6 +124,31 @@ func (s *suite) discover() (*topology, error) {
 		if err != nil || !slices.Equal(members, want) {
 			s.fail("group %d: kernel/iommu_groups lists [%s] (%v), iommu_group links give [%s]", n, addrs(members), err, addrs(want))
 		}
+	}
+
+	// GroupEndpoints agrees with leftOnHost for every group, the chipset
+	// group with its ISA bridge included.
+	agree := true
+	for _, n := range nums {
+		g := t.groups[n]
+		eps, err := vfio.GroupEndpoints(s.fs, n)
+		if err != nil || !slices.Equal(eps, g.endpointAddrs()) {
+			s.fail("group %d: GroupEndpoints = [%s] (%v), want [%s]", n, addrs(eps), err, addrs(g.endpointAddrs()))
+			agree = false
+		}
+		for _, d := range g.members {
+			if d.Class>>8 != classISABridge {
+				continue
+			}
+			if !slices.Contains(eps, d.Address) {
+				s.fail("group %d: ISA bridge %s (driver %q) missing from GroupEndpoints = [%s]", n, d.Address, d.Driver, addrs(eps))
+			} else {
+				s.ok("group %d: ISA bridge %s (class %06x, driver %q) is an endpoint: GroupEndpoints = [%s]", n, d.Address, d.Class, d.Driver, addrs(eps))
+			}
+		}
+	}
+	if agree {
+		s.ok("GroupEndpoints leaves out exactly the host and PCI-to-PCI bridges that are driverless or on pcieport, in all %d groups", len(nums))
 	}
 
 	withDrivers := func(g *iommuGroup) bool {
@@ -261,14 +307,9 @@ func charDev(path string) (exists bool, err error) {
 func (s *suite) checkFinalState(t *topology) {
 	bad := 0
 	for _, d := range t.devices {
-		st := s.state(d.Address)
-		wantOverride := d.DriverOverride
-		if wantOverride == "" {
-			wantOverride = "(null)"
-		}
-		if st.driver != d.Driver || st.override != wantOverride {
+		if st, want := s.state(d.Address), t.start[d.Address]; st != want {
 			bad++
-			s.fail("final state: %s has %v, had driver=%q driver_override=%s at start", d.Address, st, d.Driver, wantOverride)
+			s.fail("final state: %s has %v, had %v at start", d.Address, st, want)
 		}
 	}
 	if bad == 0 {

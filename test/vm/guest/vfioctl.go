@@ -94,6 +94,17 @@ func (g *group) deviceInfo(addr string) (flags, regions, irqs uint32, err error)
 	return info.flags, info.regions, info.irqs, nil
 }
 
+// openDevice returns a device fd for a PCI address, which the caller must
+// close: while it is open, unbinding the device from vfio-pci blocks.
+func (g *group) openDevice(addr string) (int, error) {
+	name := append([]byte(addr), 0)
+	fd, err := ioctlPtr(g.f.Fd(), vfioGroupGetDeviceFD, unsafe.Pointer(&name[0]))
+	if err != nil {
+		return -1, fmt.Errorf("VFIO_GROUP_GET_DEVICE_FD %s: %w", addr, err)
+	}
+	return int(fd), nil
+}
+
 // container is an open /dev/vfio/vfio.
 type container struct {
 	f *os.File
