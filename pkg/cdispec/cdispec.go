@@ -314,9 +314,6 @@ func NewWriter(dir, driverName string) (*Writer, error) {
 	return &Writer{dir: dir, driverName: driverName, cache: cache}, nil
 }
 
-// Dir returns the directory the Writer writes specs into.
-func (w *Writer) Dir() string { return w.dir }
-
 // WriteClaim builds the claim's spec and writes it atomically (temp file and
 // rename, by the CDI library, which also validates it) as JSON under
 // SpecFileName. It returns the spec file name and, for each Device.Name, the

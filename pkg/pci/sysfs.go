@@ -46,9 +46,6 @@ func NewFS(root string) (*FS, error) {
 	return &FS{root: root}, nil
 }
 
-// Root returns the directory the FS reads from.
-func (f *FS) Root() string { return f.root }
-
 // Path joins relative sysfs path elements below the root.
 func (f *FS) Path(elem ...string) string {
 	return filepath.Join(append([]string{f.root}, elem...)...)
