@@ -231,6 +231,17 @@ func (d *Driver) forgetOtherBoots(ctx context.Context) error {
 			if err := d.cdi.RemoveClaim(uid); err != nil {
 				return err
 			}
+			// The kubeletplugin helper's device metadata specs of the
+			// claim (KEP-5304), named <driver>_metadata_<uid>_<request>.json.
+			stale, err := filepath.Glob(filepath.Join(d.cfg.CDIRoot, d.cfg.DriverName+"_metadata_"+uid+"_*.json"))
+			if err != nil {
+				return err
+			}
+			for _, f := range stale {
+				if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+					return fmt.Errorf("remove stale device metadata: %w", err)
+				}
+			}
 			delete(cp.Claims, uid)
 		}
 		cp.BootID = bootID

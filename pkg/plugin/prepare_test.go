@@ -567,6 +567,9 @@ func TestStartForgetsClaimsOfOtherBoots(t *testing.T) {
 	claim := n.createClaim(ctx, t, "claim", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
 	n.mustPrepare(ctx, t, claim)
 	n.driver.Stop()
+	if !exists(t, n.metadataSpecFile(claim, "nic")) {
+		t.Fatal("the helper wrote no device metadata spec; the test cannot check it is removed")
+	}
 
 	bootID := filepath.Join(n.cfg.ProcRoot, "sys/kernel/random/boot_id")
 	if err := os.Chmod(bootID, 0o644); err != nil {
@@ -582,6 +585,9 @@ func TestStartForgetsClaimsOfOtherBoots(t *testing.T) {
 	}
 	if exists(t, n.specFile(claim)) {
 		t.Errorf("the CDI spec of a claim from another boot is still there")
+	}
+	if exists(t, n.metadataSpecFile(claim, "nic")) {
+		t.Errorf("the device metadata spec of a claim from another boot is still there")
 	}
 	// A reboot reset every binding, so there is nothing to undo: the
 	// emulator still shows the binding, and unprepare must leave it alone.

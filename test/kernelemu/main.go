@@ -47,13 +47,14 @@ func run() error {
 	native := natives{}
 	flag.Var(native, "native", "ADDRESS=DRIVER: the driver drivers_probe picks for a function without override "+
 		"(default: the driver bound at start, unless it is a VFIO driver); repeatable")
+	deviceCDev := flag.Bool("device-cdev", true, "emulate Linux 6.6+ with VFIO device cdevs (/dev/vfio/devices/vfioN); false emulates 6.1-6.5")
 	flag.Parse()
 	if *sysfsRoot == "" || *devRoot == "" || flag.NArg() > 0 {
 		flag.Usage()
 		return fmt.Errorf("--sysfs-root and --dev-root are required, and nothing else")
 	}
 
-	k, err := pcitest.NewKernel(*sysfsRoot, *devRoot)
+	k, err := pcitest.NewKernelWithOptions(*sysfsRoot, *devRoot, pcitest.KernelOptions{DeviceCDev: *deviceCDev})
 	if err != nil {
 		return err
 	}
