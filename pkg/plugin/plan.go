@@ -89,8 +89,8 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		// Checked before any binding: nothing on the host moves for a
 		// claim that cannot get its device nodes.
 		if cfg.IOMMUFD != nil && *cfg.IOMMUFD {
-			if _, err := os.Stat(filepath.Join(d.cfg.DevRoot, "iommu")); err != nil {
-				return nil, fmt.Errorf("device %s: iommufd requested, but the kernel has no /dev/iommu: %w", r.Device, err)
+			if err := d.checkIOMMUDevice(); err != nil {
+				return nil, fmt.Errorf("device %s: %w", r.Device, err)
 			}
 		}
 		i := slices.IndexFunc(p.Groups, func(g checkpoint.Group) bool { return g.Number == group })
@@ -158,4 +158,13 @@ func holderOf(cp *checkpoint.Checkpoint, self string, addrs []pci.Address) strin
 		}
 	}
 	return ""
+}
+
+// checkIOMMUDevice fails when the kernel has no /dev/iommu, which iommufd
+// needs.
+func (d *Driver) checkIOMMUDevice() error {
+	if _, err := os.Stat(filepath.Join(d.cfg.DevRoot, "iommu")); err != nil {
+		return fmt.Errorf("iommufd requested, but the kernel has no /dev/iommu: %w", err)
+	}
+	return nil
 }

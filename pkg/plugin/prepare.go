@@ -182,8 +182,10 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 		spec.CommonNodes = append(spec.CommonNodes, filepath.Join(d.cfg.HostDevRoot, "vfio", "vfio"))
 	}
 	if needIOMMUFD {
-		if _, err := os.Stat(filepath.Join(d.cfg.DevRoot, "iommu")); err != nil {
-			return nil, "", fmt.Errorf("iommufd requested, but the kernel has no /dev/iommu: %w", err)
+		// plan checked this already; a spec written again for a prepared
+		// claim has not been through plan.
+		if err := d.checkIOMMUDevice(); err != nil {
+			return nil, "", err
 		}
 		spec.CommonNodes = append(spec.CommonNodes, filepath.Join(d.cfg.HostDevRoot, "iommu"))
 	}
