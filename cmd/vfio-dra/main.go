@@ -28,6 +28,7 @@ func newCommand() *cobra.Command {
 func newInspectCommand() *cobra.Command {
 	o := inspect.Options{
 		SysfsRoot:  "/sys",
+		ProcRoot:   "/proc",
 		DriverName: plugin.DefaultDriverName,
 		Output:     inspect.FormatTable,
 	}
@@ -52,6 +53,7 @@ accepts.`,
 	f.StringVar(&o.DriverName, "driver-name", o.DriverName, "DRA driver name.")
 	f.StringVar(&o.ConfigFile, "config", o.ConfigFile, "DriverConfiguration file that filters the offered devices.")
 	f.StringVar(&o.CheckpointFile, "checkpoint", o.CheckpointFile, "The plugin's checkpoint (e.g. /var/lib/kubelet/plugins/vfio.dra.dev/checkpoint.json): show functions moved to vfio by prepared claims with the driver they go back to, as the plugin publishes them.")
+	f.StringVar(&o.ProcRoot, "proc-root", o.ProcRoot, "Where the host's /proc is: the checkpoint's boot ID is compared with this boot's.")
 	f.StringVarP(&o.Output, "output", "o", o.Output, "Output format: table, json or yaml.")
 	_ = cmd.MarkFlagRequired("node-name")
 	return cmd

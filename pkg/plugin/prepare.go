@@ -285,9 +285,15 @@ func devicesOfGroup(c *checkpoint.Claim, group int) string {
 	return strings.Join(names, ", ")
 }
 
-// unprepareClaim undoes a prepared or half-prepared claim.
-func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
+// unprepareClaim undoes a prepared or half-prepared claim. When that fails
+// the claim keeps its entry, with the error as its LastError.
+func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 	logger := klog.FromContext(ctx)
+	defer func() {
+		if err != nil {
+			d.recordFailure(ctx, uid, err)
+		}
+	}()
 	if err := d.cdi.RemoveClaim(uid); err != nil {
 		return fmt.Errorf("remove CDI spec: %w", err)
 	}
@@ -329,6 +335,34 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
 	}
 	logger.Info("Unprepared claim")
 	return nil
+}
+
+// errNoEntry tells Store.Update that there is nothing to write.
+var errNoEntry = errors.New("no checkpoint entry")
+
+// recordFailure keeps why giving a claim's groups back failed in its entry,
+// for `vfio-dra inspect --checkpoint`, and has a claim whose prepare did
+// not finish retried in the background.
+func (d *Driver) recordFailure(ctx context.Context, uid string, failure error) {
+	started := false
+	err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		c := cp.Claims[uid]
+		if c == nil {
+			return errNoEntry
+		}
+		c.LastError = failure.Error()
+		started = c.State == checkpoint.PrepareStarted
+		return nil
+	})
+	if err != nil && !errors.Is(err, errNoEntry) {
+		klog.FromContext(ctx).Error(err, "Recording a failed unprepare in the checkpoint")
+	}
+	if started {
+		select {
+		case d.rollbackFailed <- struct{}{}:
+		default: // The retry loop is awake already.
+		}
+	}
 }
 
 func originals(members []checkpoint.Member) []vfio.Original {
