@@ -134,7 +134,13 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 func (d *Driver) apply(ctx context.Context, uid string, p *checkpoint.Claim) ([]checkpoint.Device, string, error) {
 	logger := klog.FromContext(ctx)
 	for _, g := range p.Groups {
-		if err := d.binder.Bind(ctx, g.Number, originals(g.Members), g.Target); err != nil {
+		// An iommufd user opens the functions' cdevs, never the group
+		// node, which a kernel without CONFIG_VFIO_GROUP does not make.
+		waitFor := vfio.WaitGroupNode
+		if g.IOMMUFD {
+			waitFor = vfio.WaitDeviceCDevs
+		}
+		if err := d.binder.BindFor(ctx, g.Number, originals(g.Members), g.Target, waitFor); err != nil {
 			var step *vfio.StepError
 			if errors.As(err, &step) && step.Address != "" {
 				return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)

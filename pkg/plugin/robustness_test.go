@@ -20,6 +20,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -267,4 +268,25 @@ func TestStartDoesNotBlockOnAFailingRollback(t *testing.T) {
 	if got := n.driverOf(t, "0000:82:00.0"); got != "vfio-pci" {
 		t.Errorf("SmartNIC of the other claim on %q, want vfio-pci", got)
 	}
+}
+
+// A kernel built without CONFIG_VFIO_GROUP has no /dev/vfio/<group>: an
+// iommufd prepare waits for the functions' cdevs instead.
+func TestIOMMUFDWithoutGroupDevices(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNodeWith(t, pcitest.KernelOptions{DeviceCDev: true, NoVFIOGroup: true})
+	n.mknodIOMMU(t)
+	n.start(ctx, t)
+	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")},
+		opaque(resourceapi.AllocationConfigSourceClaim, vfioConfig(`"iommufd": true`)))
+	devs := n.mustPrepare(ctx, t, claim)
+	paths := n.devicePaths(t, n.inject(t, allCDIIDs(devs)))
+	if diff := cmp.Diff([]string{"/dev/iommu", "/dev/vfio/devices/vfio1", "/dev/vfio/devices/vfio2"}, paths); diff != "" {
+		t.Errorf("injected device nodes (-want +got):\n%s", diff)
+	}
+	if exists(t, filepath.Join(n.cfg.DevRoot, "vfio", "2")) {
+		t.Error("the kernel made a group node; the test does not test a kernel without CONFIG_VFIO_GROUP")
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
 }

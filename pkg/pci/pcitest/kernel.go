@@ -49,6 +49,10 @@ type KernelOptions struct {
 	// (6.1 to 6.5) vfio-dev/vfioN still exists but holds no dev attribute
 	// and its uevent is empty, and no node is made.
 	DeviceCDev bool
+	// NoVFIOGroup is CONFIG_VFIO_GROUP=n (6.6 and later, with DeviceCDev):
+	// there is no group interface, so neither /dev/vfio/vfio nor any
+	// /dev/vfio/<group> is made; only the device cdevs exist.
+	NoVFIOGroup bool
 }
 
 // DefaultKernelOptions is what NewKernel emulates: a 6.6 or later kernel
@@ -122,8 +126,10 @@ func NewKernelWithOptions(sysfsRoot, devRoot string, opts KernelOptions) (*Kerne
 	if err := os.MkdirAll(filepath.Join(devRoot, "vfio"), 0o755); err != nil {
 		return nil, err
 	}
-	if err := mknodChar(filepath.Join(devRoot, "vfio", "vfio"), vfioMiscMajor, vfioMiscMinor, 0o666); err != nil {
-		return nil, err
+	if !opts.NoVFIOGroup {
+		if err := mknodChar(filepath.Join(devRoot, "vfio", "vfio"), vfioMiscMajor, vfioMiscMinor, 0o666); err != nil {
+			return nil, err
+		}
 	}
 	devices, problems, err := pfs.Scan()
 	if err != nil {
@@ -472,7 +478,7 @@ func (k *Kernel) vfioAttached(a pci.Address) error {
 	if err != nil {
 		return err
 	}
-	if d.IOMMUGroup != nil {
+	if d.IOMMUGroup != nil && !k.opts.NoVFIOGroup {
 		if err := mknodChar(k.groupNode(*d.IOMMUGroup), vfioGroupMajor, uint32(*d.IOMMUGroup), 0o600); err != nil {
 			return err
 		}
