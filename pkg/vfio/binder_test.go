@@ -114,8 +114,9 @@ func newMachine(t *testing.T) *machine {
 	k.SetNative(mixedVFIO, "e1000e")
 	// The PF has sriov_drivers_autoprobe=0: drivers_probe binds its VFs
 	// only to the driver their override names.
-	k.SetNative(vf1, "")
-	k.SetNative(vf2, "")
+	if err := os.WriteFile(fs.DevicePath(addrs(t, pf)[0], "sriov_drivers_autoprobe"), []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	return &machine{tree: tree, fs: fs, dev: dev, kernel: k}
 }
 
