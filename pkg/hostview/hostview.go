@@ -65,6 +65,7 @@ type view struct {
 // vanish while being read are skipped.
 func (r *Reader) Read(own Own) *inventory.HostUse {
 	v := &view{r: r, inUse: map[pci.Address]string{}}
+	v.checkHostPIDNamespace()
 	v.readMounts()
 	v.readSwaps()
 	v.readHeldBlockDevices()
@@ -72,6 +73,18 @@ func (r *Reader) Read(own Own) *inventory.HostUse {
 	v.readConsole()
 	v.readVFIOHolders(own)
 	return &inventory.HostUse{InUse: v.inUse, Unavailable: strings.Join(v.unavailable, "; ")}
+}
+
+// checkHostPIDNamespace fails the view when the proc root is not the
+// host's: kthreadd is PID 2 only in the initial PID namespace. A container's
+// own /proc would show the container's mounts and none of the host's
+// processes, and everything would look free.
+func (v *view) checkHostPIDNamespace() {
+	data, err := readFile(v.r.procPath("2/comm"), maxAttrSize)
+	if err == nil && strings.TrimSpace(string(data)) == "kthreadd" {
+		return
+	}
+	v.fail("%s is not the host's /proc (PID 2 is not kthreadd): mount the host's /proc or run with hostPID", v.r.proc)
 }
 
 // use records evidence for fn; the first evidence found is kept, so that

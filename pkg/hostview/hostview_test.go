@@ -292,6 +292,9 @@ func TestUnreadable(t *testing.T) {
 		{"malformed route", func(t *testing.T, h *hostviewtest.Host) {
 			must(t, os.WriteFile(filepath.Join(h.Proc, "1", "net", "route"), []byte("Iface\tDestination\nens1f0\tzz\t0\t0003\t0\t0\t0\t00000000\n"), 0o644))
 		}, "line 2"},
+		{"the proc root of a container's own PID namespace", func(t *testing.T, h *hostviewtest.Host) {
+			must(t, os.RemoveAll(filepath.Join(h.Proc, "2")))
+		}, "is not the host's /proc"},
 		{"no proc root at all", func(t *testing.T, h *hostviewtest.Host) {
 			must(t, os.RemoveAll(h.Proc))
 		}, "VFIO users"},

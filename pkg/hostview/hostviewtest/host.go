@@ -30,7 +30,7 @@ type Host struct {
 	addrs6      []string
 }
 
-// New lays out PID 1 (systemd) in procRoot with empty tables and the
+// New lays out PID 1 (systemd) and 2 (kthreadd) in procRoot with empty tables and the
 // sysfs directories the host view reads. sysRoot must hold a pcitest tree.
 func New(sysRoot, procRoot string) (*Host, error) {
 	h := &Host{Sys: sysRoot, Proc: procRoot, nextMountID: 21}
@@ -43,6 +43,10 @@ func New(sysRoot, procRoot string) (*Host, error) {
 		return nil, err
 	}
 	if err := h.AddProcess(1, "systemd"); err != nil {
+		return nil, err
+	}
+	// PID 2 is kthreadd in the host's PID namespace only.
+	if err := h.AddProcess(2, "kthreadd"); err != nil {
 		return nil, err
 	}
 	return h, h.writeTables()

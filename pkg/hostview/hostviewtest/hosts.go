@@ -116,7 +116,6 @@ func (h *Host) layOutRunningHost() error {
 		func() error { return h.AddAddress6("eno2", netip.MustParsePrefix("fe80::2/64")) },
 		func() error { return h.AddSerial("ttyS4", UART, 68) },
 		func() error { return h.SetConsole("tty0", "ttyS4") },
-		func() error { return h.AddProcess(2, "kthreadd") },
 		func() error { return h.AddProcess(812, "sshd", "/dev/null", "socket:[20431]", "/var/log/auth.log") },
 		func() error {
 			return h.AddProcess(VMPID, "qemu-system-x86", "/dev/null", "/dev/vfio/vfio", "/dev/vfio/60", "anon_inode:[vfio-device]", "/dev/kvm", "anon_inode:kvm-vm")
