@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 )
@@ -38,6 +39,23 @@ const (
 type Own struct {
 	Groups    map[int]bool
 	Functions map[pci.Address]bool
+}
+
+// OwnOf names the groups and functions of the claims in the plugin's
+// checkpoint.
+func OwnOf(cp *checkpoint.Checkpoint) Own {
+	own := Own{Groups: map[int]bool{}, Functions: map[pci.Address]bool{}}
+	for _, c := range cp.Claims {
+		for _, g := range c.Groups {
+			own.Groups[g.Number] = true
+			for _, m := range g.Members {
+				if a, err := pci.ParseAddress(m.Address); err == nil {
+					own.Functions[a] = true
+				}
+			}
+		}
+	}
+	return own
 }
 
 // Reader reads the host view below a sysfs root and a proc root ("/sys" and
