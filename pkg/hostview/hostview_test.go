@@ -11,6 +11,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
@@ -59,6 +60,50 @@ func TestRunningHost(t *testing.T) {
 	got = hostview.New(h.Sys, h.Proc).Read(hostview.Own{})
 	if e := got.InUse[addr(t, hostviewtest.OwnNIC)]; e != "held by pid 5000 (dpdk-testpmd) through /dev/vfio/63" {
 		t.Errorf("own NIC without own: %q", e)
+	}
+}
+
+// TestRunningHostDecisions: what the running host uses, and its group-mate,
+// is not offered; the free functions are, one on vfio-pci and one NVMe
+// among them, and so is the function of the driver's own claim.
+func TestRunningHostDecisions(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	tree, h, err := hostviewtest.RunningHost(filepath.Join(dir, "sys"), filepath.Join(dir, "proc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	own := hostview.Own{Groups: map[int]bool{hostviewtest.OwnGroup: true}}
+	inv, err := inventory.Scan(fs, nil, nil, hostview.New(h.Sys, h.Proc).Read(own))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var offered []string
+	reasons := map[string]string{}
+	for _, d := range inv.Decisions {
+		if d.Offered {
+			offered = append(offered, d.Device.Address.String())
+		}
+		reasons[d.Device.Address.String()] = d.Reason
+	}
+	if diff := cmp.Diff([]string{hostviewtest.FreeVFIO, hostviewtest.FreeNVMe, hostviewtest.OwnNIC}, offered); diff != "" {
+		t.Errorf("offered (-want +got):\n%s", diff)
+	}
+	for fn, want := range map[string]string{
+		hostviewtest.RootNVMe:    "in use: / (vg0-root on nvme0n1p3)",
+		hostviewtest.MgmtNIC:     "in use: default route (eno1)",
+		hostviewtest.MgmtNICMate: "IOMMU group 3: member " + hostviewtest.MgmtNIC + " is not offered (in use: default route (eno1))",
+		hostviewtest.VMGPU:       "in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/60",
+		hostviewtest.VMGPUAudio:  "in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/60",
+		hostviewtest.UART:        "in use: serial console ttyS4",
+	} {
+		if reasons[fn] != want {
+			t.Errorf("%s: reason %q, want %q", fn, reasons[fn], want)
+		}
 	}
 }
 
