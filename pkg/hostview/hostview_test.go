@@ -107,6 +107,39 @@ func TestRunningHostDecisions(t *testing.T) {
 	}
 }
 
+// TestPartialHostView: what could be read still counts when another part
+// of the view cannot be read.
+func TestPartialHostView(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	tree, h, err := hostviewtest.RunningHost(filepath.Join(dir, "sys"), filepath.Join(dir, "proc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(t, os.Remove(filepath.Join(h.Proc, "1", "mountinfo")))
+	fs, err := pci.NewFS(tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := hostview.New(h.Sys, h.Proc).Read(hostview.Own{})
+	inv, err := inventory.Scan(fs, nil, nil, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range inv.Decisions {
+		switch d.Device.Address.String() {
+		case hostviewtest.VMGPU:
+			if want := "in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/60"; d.Reason != want {
+				t.Errorf("GPU held by the VM: reason %q, want %q", d.Reason, want)
+			}
+		case hostviewtest.FreeNVMe, hostviewtest.FreeVFIO:
+			if d.Offered || !strings.Contains(d.Reason, "mountinfo") {
+				t.Errorf("%s without a readable mountinfo: offered %v, reason %q", d.Device.Address, d.Offered, d.Reason)
+			}
+		}
+	}
+}
+
 // host lays out a few PCI functions and an empty host view.
 func host(t *testing.T, fns ...pcitest.Function) *hostviewtest.Host {
 	t.Helper()
