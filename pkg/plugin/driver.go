@@ -210,7 +210,7 @@ func (d *Driver) scan() (*inventory.Inventory, error) {
 	if err != nil {
 		return nil, err
 	}
-	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.

@@ -44,7 +44,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		configs = append(configs, decodedConfig{source: c.Source, requests: c.Requests, config: vc})
 	}
 
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
 	if err != nil {
 		return nil, err
 	}
