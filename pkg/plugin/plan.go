@@ -14,6 +14,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -122,6 +123,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		}
 		p.Devices = append(p.Devices, checkpoint.Device{
 			Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, PCIAddress: addr.String(), IOMMUGroup: group,
+			Attributes: resources.Device(dec).Attributes,
 		})
 	}
 	return p, nil
