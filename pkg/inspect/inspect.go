@@ -20,6 +20,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -34,7 +35,12 @@ const (
 
 // Options selects what to inspect and how to print it.
 type Options struct {
-	SysfsRoot  string
+	SysfsRoot string
+	// ProcRoot is where the host's /proc is: what the host uses (mounts,
+	// routes, processes holding VFIO devices) is read there, as the
+	// plugin reads it, and the checkpoint's boot ID is compared with the
+	// one there ("" skips the comparison).
+	ProcRoot   string
 	NodeName   string
 	DriverName string
 	// ConfigFile is a DriverConfiguration file; "" means none.
@@ -43,10 +49,7 @@ type Options struct {
 	// that prepared claims moved to vfio are then shown with the host
 	// driver they go back to, as the plugin publishes them.
 	CheckpointFile string
-	// ProcRoot is where the host's /proc is; the checkpoint's boot ID is
-	// compared with the one there. "" skips the comparison.
-	ProcRoot string
-	Output   string
+	Output         string
 }
 
 // Run scans the sysfs tree and prints the result to out. Functions that
@@ -71,8 +74,7 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	var hostDrivers map[string]string
-	var cp *checkpoint.Checkpoint
+	cp := &checkpoint.Checkpoint{}
 	if o.CheckpointFile != "" {
 		if _, err := os.Stat(o.CheckpointFile); err != nil {
 			return fmt.Errorf("checkpoint: %w", err)
@@ -83,12 +85,14 @@ func Run(out, errOut io.Writer, o Options) error {
 		if otherBoot(errOut, cp, o.ProcRoot) {
 			// The plugin forgets these claims at its next start: a
 			// reboot reset every binding they describe.
-			cp = nil
-		} else {
-			hostDrivers = cp.HostDrivers()
+			cp = &checkpoint.Checkpoint{}
 		}
 	}
-	inv, err := inventory.Scan(fs, cfg, hostDrivers, &inventory.HostUse{})
+	host := hostview.New(o.SysfsRoot, o.ProcRoot).Read(hostview.OwnOf(cp))
+	if host.Unavailable != "" {
+		fmt.Fprintf(errOut, "warning: the host view cannot be read, storage and network controllers are not offered: %s\n", host.Unavailable)
+	}
+	inv, err := inventory.Scan(fs, cfg, cp.HostDrivers(), host)
 	if err != nil {
 		return err
 	}
@@ -207,7 +211,7 @@ func claimGroups(c *checkpoint.Claim) string {
 
 // printClaims lists the checkpointed claims after the table.
 func printClaims(out io.Writer, cp *checkpoint.Checkpoint) error {
-	if cp == nil || len(cp.Claims) == 0 {
+	if len(cp.Claims) == 0 {
 		return nil
 	}
 	w := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
@@ -222,9 +226,6 @@ func printClaims(out io.Writer, cp *checkpoint.Checkpoint) error {
 // warnHeld reports, beside a slice list, the claims whose groups are held
 // because giving them back failed.
 func warnHeld(errOut io.Writer, cp *checkpoint.Checkpoint) {
-	if cp == nil {
-		return
-	}
 	for _, uid := range slices.Sorted(maps.Keys(cp.Claims)) {
 		if c := cp.Claims[uid]; c.LastError != "" {
 			fmt.Fprintf(errOut, "warning: ResourceClaim %s/%s (%s), IOMMU groups %s: %s\n", c.Namespace, c.Name, uid, claimGroups(c), claimStatus(c))

@@ -24,6 +24,8 @@ import (
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -34,8 +36,10 @@ import (
 const nodeName = "node-a"
 
 type env struct {
-	cfg    plugin.Config
-	tree   *pcitest.Tree
+	cfg  plugin.Config
+	tree *pcitest.Tree
+	// host is what the host uses (hostviewtest.Server: nothing offered).
+	host   *hostviewtest.Host
 	client *fake.Clientset
 	// countersOff makes the fake API server behave as one with
 	// DRAPartitionableDevices off: it drops shared counters.
@@ -58,6 +62,10 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	host, err := hostviewtest.Server(tree.Root, proc)
+	if err != nil {
 		t.Fatal(err)
 	}
 	client := fake.NewClientset(&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName, UID: "node-uid"}})
@@ -101,6 +109,7 @@ func newEnv(t *testing.T) *env {
 	}
 	return &env{
 		tree:        tree,
+		host:        host,
 		client:      client,
 		countersOff: countersOff,
 		cfg: plugin.Config{
@@ -154,7 +163,7 @@ func TestPublishMatchesInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil, &inventory.HostUse{})
+	inv, err := inventory.Scan(fs, nil, nil, hostview.New(e.tree.Root, e.cfg.ProcRoot).Read(hostview.Own{}))
 	if err != nil {
 		t.Fatal(err)
 	}
