@@ -18,9 +18,11 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -287,6 +289,72 @@ func TestIOMMUFDWithoutGroupDevices(t *testing.T) {
 	}
 	if exists(t, filepath.Join(n.cfg.DevRoot, "vfio", "2")) {
 		t.Error("the kernel made a group node; the test does not test a kernel without CONFIG_VFIO_GROUP")
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
+}
+
+// CDI specs and device metadata that no checkpointed claim owns (a reboot
+// with a persistent /var/run/cdi, a lost checkpoint) are removed at start
+// and at each resync; a prepared claim's files and other drivers' files
+// stay.
+func TestOrphanedSpecsAreRemoved(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	orphans := func(t *testing.T) []string {
+		t.Helper()
+		files := []string{
+			filepath.Join(n.cfg.CDIRoot, cdispec.SpecFileName(plugin.DefaultDriverName, "uid-orphan")),
+			filepath.Join(n.cfg.CDIRoot, plugin.DefaultDriverName+"_metadata_uid-orphan_nic.json"),
+			filepath.Join(n.cfg.PluginDataDir, "dra-device-metadata", "default_orphan", "nic", "metadata.json"),
+		}
+		for _, f := range files {
+			if err := os.MkdirAll(filepath.Dir(f), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(f, []byte(`{}`), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return files
+	}
+	other := filepath.Join(n.cfg.CDIRoot, "k8s.gpu.example.com-gpu_uid-orphan.json")
+	if err := os.MkdirAll(n.cfg.CDIRoot, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other, []byte(`{}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	files := orphans(t)
+	n.start(ctx, t)
+	for _, f := range files {
+		if exists(t, f) {
+			t.Errorf("%s is still there after the start", f)
+		}
+	}
+	if !exists(t, other) {
+		t.Errorf("another driver's spec %s was removed", other)
+	}
+
+	claim := n.createClaim(ctx, t, "nic", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
+	n.mustPrepare(ctx, t, claim)
+	files = orphans(t)
+	if _, err := n.driver.Resync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if exists(t, f) {
+			t.Errorf("%s is still there after a resync", f)
+		}
+	}
+	owned := []string{n.specFile(claim), n.metadataSpecFile(claim, "nic")}
+	for _, f := range owned {
+		if !exists(t, f) {
+			t.Errorf("the prepared claim's %s was removed", f)
+		}
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(n.cfg.PluginDataDir, "dra-device-metadata", "default_nic")); len(dirs) != 1 {
+		t.Errorf("the prepared claim's metadata directory is gone")
 	}
 	n.mustUnprepare(ctx, t, claimRef(claim))
 }
