@@ -101,7 +101,7 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 		return nil, err
 	}
 	// Write ahead: the original drivers are on disk before sysfs changes.
-	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	if err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		cp.Claims[uid] = p
 		return nil
 	}); err != nil {
@@ -114,7 +114,7 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 	ctx = context.WithoutCancel(ctx)
 	devices, specName, err := d.apply(ctx, uid, p)
 	if err == nil {
-		err = d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		err = d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 			c := cp.Claims[uid]
 			c.State, c.Devices, c.CDISpec = checkpoint.PrepareCompleted, devices, specName
 			return nil
@@ -240,7 +240,7 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 			Request: resourceclaim.BaseRequestRef(dev.Requests[0]), Name: dev.Device, PCIAddress: dev.PCIAddress, Group: byGroup[dev.IOMMUGroup],
 		})
 	}
-	specName, ids, err := d.cdi.WriteClaim(spec)
+	specName, ids, err := d.writeCDISpec(spec)
 	if err != nil {
 		return nil, "", fmt.Errorf("write CDI spec: %w", err)
 	}
@@ -350,7 +350,7 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 			d.recordFailure(ctx, uid, err)
 		}
 	}()
-	if err := d.cdi.RemoveClaim(uid); err != nil {
+	if err := d.removeCDISpec(uid); err != nil {
 		return fmt.Errorf("remove CDI spec: %w", err)
 	}
 	cp, err := d.store.Get()
@@ -383,7 +383,7 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 		// Keep the claim so that the kubelet's retry finishes the job.
 		return err
 	}
-	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	if err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		delete(cp.Claims, uid)
 		return nil
 	}); err != nil {
@@ -401,7 +401,7 @@ var errNoEntry = errors.New("no checkpoint entry")
 // not finish retried in the background.
 func (d *Driver) recordFailure(ctx context.Context, uid string, failure error) {
 	started := false
-	err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		c := cp.Claims[uid]
 		if c == nil {
 			return errNoEntry
