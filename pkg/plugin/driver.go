@@ -19,9 +19,9 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
-	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -33,6 +33,14 @@ type Driver struct {
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
 	helper *kubeletplugin.Helper
+	// health judges the devices; reporter streams its verdicts to the
+	// kubelet.
+	health   *health.Checker
+	reporter *health.Reporter
+	// seen is the last offered decision of each function that is offered
+	// or held by a claim, to publish a device that disappeared while held
+	// as it was. Guarded by claimMu.
+	seen map[pci.Address]inventory.Decision
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
 
@@ -43,6 +51,9 @@ type Driver struct {
 	mu sync.Mutex
 	// published is what was last handed to the helper.
 	published *resourceslice.DriverResources
+	// scanned is the inventory of the last scan, for the health checks
+	// between scans.
+	scanned *inventory.Inventory
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
@@ -55,6 +66,9 @@ var _ kubeletplugin.DRAPlugin = &Driver{}
 func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = DefaultHealthInterval
 	}
 	fs, err := pci.NewFS(cfg.SysfsRoot)
 	if err != nil {
@@ -75,6 +89,10 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		cdi:    cdi,
 		fatal:  make(chan error, 1),
 		logged: map[pci.Address]bool{},
+
+		health:   health.NewChecker(fs, health.Options{}),
+		reporter: health.NewReporter(),
+		seen:     map[pci.Address]inventory.Decision{},
 	}
 	if err := d.forgetOtherBoots(ctx); err != nil {
 		return nil, err
@@ -95,8 +113,6 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		// KEP-5304: the pciBusID and IOMMU group of each device reach the
 		// container as metadata, which KubeVirt reads.
 		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
-		// Per-device health is not reported yet: do not advertise it.
-		kubeletplugin.HealthService(false),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
@@ -132,6 +148,8 @@ func (d *Driver) Wait(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	ticker := time.NewTicker(d.cfg.RescanInterval)
 	defer ticker.Stop()
+	healthTicker := time.NewTicker(d.cfg.HealthInterval)
+	defer healthTicker.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -143,6 +161,10 @@ func (d *Driver) Wait(ctx context.Context) error {
 				// The next scan may succeed; keep publishing what we had.
 				logger.Error(err, "Rescanning PCI devices failed")
 			}
+		case <-healthTicker.C:
+			if err := d.CheckHealth(ctx); err != nil {
+				logger.Error(err, "Checking device health failed")
+			}
 		}
 	}
 }
@@ -151,7 +173,7 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, err := d.scan()
+	inv, v, err := d.scan(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -166,7 +188,9 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 			logger.Info("PCI device has no IOMMU group, VFIO cannot use it", "pciAddress", dec.Device.Address)
 		}
 	}
-	res := resources.Build(d.cfg.NodeName, inv)
+	d.scanned = inv
+	defer d.report(v)
+	res := v.resources(d.cfg.DriverName, d.cfg.NodeName)
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
 		return false, nil
 	}
@@ -198,17 +222,21 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 }
 
 // scan reads the node as it is published: functions that claims moved to
-// vfio are described by their host drivers.
-func (d *Driver) scan() (*inventory.Inventory, error) {
+// vfio are described by their host drivers. It judges their health too.
+func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, verdict, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, err
+		return nil, verdict{}, err
 	}
-	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	if err != nil {
+		return nil, verdict{}, err
+	}
+	return inv, d.judge(ctx, inv, cp, true), nil
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
@@ -268,9 +296,4 @@ func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// WatchHealthStatus is not called: the health service is off (see Start).
-func (d *Driver) WatchHealthStatus(ctx context.Context, reports chan<- kubeletplugin.DeviceHealthReport) error {
-	return kubeletplugin.ErrHealthNotSupported
 }
