@@ -76,7 +76,7 @@ func Run(out, errOut io.Writer, o Options) error {
 		}
 		hostDrivers = cp.HostDrivers()
 	}
-	inv, err := inventory.Scan(fs, cfg, hostDrivers)
+	inv, err := inventory.Scan(fs, cfg, hostDrivers, &inventory.HostUse{})
 	if err != nil {
 		return err
 	}

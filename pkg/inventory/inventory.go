@@ -34,6 +34,15 @@ type Inventory struct {
 	Problems []error
 }
 
+// HostUse is what the host itself is using, as package hostview reads it.
+type HostUse struct {
+	// InUse maps a function the host is using to the evidence, e.g.
+	// "/ (vg0-root on nvme0n1p3)" or "default route (eno1)".
+	InUse map[pci.Address]string
+	// Unavailable says why the host view could not be read; "" when it was read.
+	Unavailable string
+}
+
 // Offered returns the offered functions, sorted by address.
 func (inv *Inventory) Offered() []Decision {
 	var out []Decision
@@ -51,8 +60,9 @@ func (inv *Inventory) Offered() []Decision {
 // for a claim, the host driver they go back to: that is the driver they
 // are described and selected by, so that preparing a claim does not change
 // what is published.
-// hostDrivers is keyed by PCI address ("0000:3b:00.0").
-func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string) (*Inventory, error) {
+// hostDrivers is keyed by PCI address ("0000:3b:00.0"). host is what the
+// host itself uses; nil means it is not known (see Decide).
+func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string, host *HostUse) (*Inventory, error) {
 	devices, problems, err := fs.Scan()
 	if err != nil {
 		return nil, err
@@ -77,14 +87,18 @@ func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]
 		}
 		groups[*d.IOMMUGroup] = members
 	}
-	inv := Decide(devices, groups, cfg)
+	inv := Decide(devices, groups, cfg, host)
 	inv.Problems = append(problems, inv.Problems...)
 	return inv, nil
 }
 
 // Decide applies the rules to devices, whose IOMMU groups list their
-// members in groups. It does no I/O.
-func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.DriverConfiguration) *Inventory {
+// members in groups. It does no I/O. A function the host uses is never
+// offered, nor any function of its group, whatever cfg says. When host is
+// nil or could not be read, storage and network controllers are not
+// offered either: one of them may hold the root file system or the node's
+// network, and nothing tells which.
+func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.DriverConfiguration, host *HostUse) *Inventory {
 	byAddr := make(map[pci.Address]*pci.Device, len(devices))
 	for _, d := range devices {
 		byAddr[d.Address] = d
@@ -94,7 +108,7 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 	// member takes every endpoint of its group away from the host.
 	own := make(map[pci.Address]string, len(devices))
 	for _, d := range devices {
-		own[d.Address] = ownReason(d, cfg)
+		own[d.Address] = ownReason(d, cfg, host)
 	}
 	for _, d := range devices {
 		dec := Decision{Device: d, Reason: own[d.Address]}
@@ -115,7 +129,10 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 }
 
 // ownReason applies the rules that look at one function alone.
-func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration) string {
+func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration, host *HostUse) string {
+	if r := hostReason(d, host); r != "" {
+		return r
+	}
 	switch {
 	case d.IsBridge():
 		return fmt.Sprintf("bridge (class %06x)", d.Class)
@@ -138,6 +155,27 @@ func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration) string {
 		return "not allowed by configuration"
 	}
 	return ""
+}
+
+// hostReason keeps what the host uses with the host; it comes before the
+// configuration, so that no allow entry can take it.
+func hostReason(d *pci.Device, host *HostUse) string {
+	if host != nil && host.Unavailable == "" {
+		if evidence, ok := host.InUse[d.Address]; ok {
+			return "in use: " + evidence
+		}
+		return ""
+	}
+	switch d.Class >> 16 {
+	case 0x01, 0x02:
+	default:
+		return ""
+	}
+	why := "not read"
+	if host != nil {
+		why = host.Unavailable
+	}
+	return fmt.Sprintf("host view unavailable (%s): storage and network controllers stay with the host", why)
 }
 
 // groupReason refuses a function whose IOMMU group has an endpoint that may

@@ -15,6 +15,11 @@ import (
 
 func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inventory {
 	t.Helper()
+	return scanServerHost(t, cfg, &inventory.HostUse{})
+}
+
+func scanServerHost(t *testing.T, cfg *v1alpha1.DriverConfiguration, host *inventory.HostUse) *inventory.Inventory {
+	t.Helper()
 	root := t.TempDir()
 	if _, err := pcitest.NewServer(root); err != nil {
 		t.Fatal(err)
@@ -23,7 +28,7 @@ func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inve
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, cfg, nil)
+	inv, err := inventory.Scan(fs, cfg, nil, host)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,13 +151,86 @@ func TestDecideUnreadableGroupMember(t *testing.T) {
 	b, _ := pci.ParseAddress("0000:01:00.1")
 	group := 7
 	devices := []*pci.Device{{Address: a, Class: 0x020000, IOMMUGroup: &group, NUMANode: -1}}
-	inv := inventory.Decide(devices, map[int][]pci.Address{7: {a, b}}, nil)
+	inv := inventory.Decide(devices, map[int][]pci.Address{7: {a, b}}, nil, &inventory.HostUse{})
 	if inv.Decisions[0].Offered || !strings.Contains(inv.Decisions[0].Reason, "0000:01:00.1 could not be read") {
 		t.Errorf("decision = %+v, want not offered because the member could not be read", inv.Decisions[0])
 	}
-	inv = inventory.Decide(devices, map[int][]pci.Address{}, nil)
+	inv = inventory.Decide(devices, map[int][]pci.Address{}, nil, &inventory.HostUse{})
 	if inv.Decisions[0].Offered {
 		t.Error("offered a device whose group could not be listed")
+	}
+}
+
+// TestDecideHostUse: what the host uses is never offered, whatever the
+// configuration, and takes its IOMMU group with it; without a host view
+// storage and network controllers stay with the host.
+func TestDecideHostUse(t *testing.T) {
+	addr := func(s string) pci.Address {
+		a, err := pci.ParseAddress(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	inUse := &inventory.HostUse{InUse: map[pci.Address]string{
+		addr("0000:83:00.0"): "/ (vg0-root on nvme0n1p3)",
+		addr("0000:02:01.0"): "default route (eno1)",
+	}}
+	tests := map[string]struct {
+		host        *inventory.HostUse
+		cfg         *v1alpha1.DriverConfiguration
+		wantOffered []string
+		wantReasons map[string]string // exact
+	}{
+		"in use, and its group-mate behind the conventional bridge": {
+			host:        inUse,
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:03:00.0", "0000:03:00.1", "0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "in use: / (vg0-root on nvme0n1p3)",
+				"0000:02:01.0": "in use: default route (eno1)",
+				"0000:02:02.0": "IOMMU group 5: member 0000:02:01.0 is not offered (in use: default route (eno1))",
+			},
+		},
+		"an exact-address allow does not hand out what the host uses": {
+			host: inUse,
+			cfg: &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{
+				{PCIAddress: "0000:83:00.0"}, {PCIAddress: "0000:02:02.0"}, {PCIAddress: "0000:82:00.0"},
+			}},
+			wantOffered: []string{"0000:82:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "in use: / (vg0-root on nvme0n1p3)",
+				"0000:02:02.0": "IOMMU group 5: member 0000:02:01.0 is not offered (in use: default route (eno1))",
+			},
+		},
+		"host view unavailable": {
+			host:        &inventory.HostUse{Unavailable: "open /proc/1/mountinfo: permission denied"},
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "host view unavailable (open /proc/1/mountinfo: permission denied): storage and network controllers stay with the host",
+				"0000:82:00.0": "host view unavailable (open /proc/1/mountinfo: permission denied): storage and network controllers stay with the host",
+			},
+		},
+		"no host view": {
+			host:        nil,
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:03:00.0": "host view unavailable (not read): storage and network controllers stay with the host",
+			},
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			inv := scanServerHost(t, tc.cfg, tc.host)
+			if diff := cmp.Diff(tc.wantOffered, offered(inv)); diff != "" {
+				t.Errorf("offered (-want +got):\n%s", diff)
+			}
+			got := reasons(inv)
+			for a, want := range tc.wantReasons {
+				if got[a] != want {
+					t.Errorf("reason for %s = %q, want %q", a, got[a], want)
+				}
+			}
+		})
 	}
 }
 

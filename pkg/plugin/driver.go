@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	metadatav1alpha1 "k8s.io/dynamic-resource-allocation/api/metadata/v1alpha1"
 	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
@@ -110,9 +111,10 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		kubeletplugin.RegistrarDirectoryPath(cfg.RegistrarDir),
 		kubeletplugin.PluginDataDirectoryPath(cfg.PluginDataDir),
 		kubeletplugin.CDIDirectory(cfg.CDIRoot),
-		// KEP-5304: the pciBusID and IOMMU group of each device reach the
-		// container as metadata, which KubeVirt reads.
-		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
+		// KEP-5304: every published attribute of each device reaches the
+		// container as metadata. KubeVirt's virt-launcher reads only
+		// v1alpha1 (the first object of that version in the stream).
+		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion, metadatav1alpha1.SchemeGroupVersion}),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
@@ -232,7 +234,7 @@ func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, verdict, error
 	if err != nil {
 		return nil, verdict{}, err
 	}
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
 	if err != nil {
 		return nil, verdict{}, err
 	}

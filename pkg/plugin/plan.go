@@ -13,6 +13,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -43,7 +44,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		configs = append(configs, decodedConfig{source: c.Source, requests: c.Requests, config: vc})
 	}
 
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
 	if err != nil {
 		return nil, err
 	}
@@ -118,6 +119,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		}
 		p.Devices = append(p.Devices, checkpoint.Device{
 			Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, PCIAddress: addr.String(), IOMMUGroup: group,
+			Attributes: resources.Device(dec).Attributes,
 		})
 	}
 	return p, nil

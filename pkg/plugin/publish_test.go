@@ -122,7 +122,7 @@ func TestPublishMatchesInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil)
+	inv, err := inventory.Scan(fs, nil, nil, &inventory.HostUse{})
 	if err != nil {
 		t.Fatal(err)
 	}
