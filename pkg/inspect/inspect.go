@@ -17,6 +17,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -31,7 +32,11 @@ const (
 
 // Options selects what to inspect and how to print it.
 type Options struct {
-	SysfsRoot  string
+	SysfsRoot string
+	// ProcRoot is where the host's /proc is: what the host uses (mounts,
+	// routes, processes holding VFIO devices) is read there, as the
+	// plugin reads it.
+	ProcRoot   string
 	NodeName   string
 	DriverName string
 	// ConfigFile is a DriverConfiguration file; "" means none.
@@ -65,18 +70,20 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	var hostDrivers map[string]string
+	cp := &checkpoint.Checkpoint{}
 	if o.CheckpointFile != "" {
 		if _, err := os.Stat(o.CheckpointFile); err != nil {
 			return fmt.Errorf("checkpoint: %w", err)
 		}
-		cp, err := checkpoint.NewStore(o.CheckpointFile).Get()
-		if err != nil {
+		if cp, err = checkpoint.NewStore(o.CheckpointFile).Get(); err != nil {
 			return err
 		}
-		hostDrivers = cp.HostDrivers()
 	}
-	inv, err := inventory.Scan(fs, cfg, hostDrivers, &inventory.HostUse{})
+	host := hostview.New(o.SysfsRoot, o.ProcRoot).Read(hostview.OwnOf(cp))
+	if host.Unavailable != "" {
+		fmt.Fprintf(errOut, "warning: the host view cannot be read, storage and network controllers are not offered: %s\n", host.Unavailable)
+	}
+	inv, err := inventory.Scan(fs, cfg, cp.HostDrivers(), host)
 	if err != nil {
 		return err
 	}

@@ -13,21 +13,32 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
 
+// server lays out pcitest.Server in <dir>/sys and its host view in
+// <dir>/proc, and returns the sysfs root.
 func server(t *testing.T) string {
 	t.Helper()
-	root := t.TempDir()
+	dir := t.TempDir()
+	root := filepath.Join(dir, "sys")
 	if _, err := pcitest.NewServer(root); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hostviewtest.Server(root, filepath.Join(dir, "proc")); err != nil {
 		t.Fatal(err)
 	}
 	return root
 }
 
+// run runs inspect; without a proc root, the one beside the sysfs root.
 func run(t *testing.T, o inspect.Options) (string, string, error) {
 	t.Helper()
+	if o.ProcRoot == "" {
+		o.ProcRoot = filepath.Join(filepath.Dir(o.SysfsRoot), "proc")
+	}
 	var out, errOut bytes.Buffer
 	err := inspect.Run(&out, &errOut, o)
 	return out.String(), errOut.String(), err
@@ -200,5 +211,57 @@ func TestCheckpointHostDrivers(t *testing.T) {
 	o.CheckpointFile = filepath.Join(t.TempDir(), "missing.json")
 	if _, _, err := run(t, o); err == nil {
 		t.Error("a missing checkpoint file was accepted")
+	}
+}
+
+// TestRunningHost shows, function by function, what the host uses and why
+// it is not offered.
+func TestRunningHost(t *testing.T) {
+	dir := t.TempDir()
+	tree, h, err := hostviewtest.RunningHost(filepath.Join(dir, "sys"), filepath.Join(dir, "proc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := run(t, inspect.Options{SysfsRoot: tree.Root, ProcRoot: h.Proc, NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if errOut != "" {
+		t.Errorf("warnings: %s", errOut)
+	}
+	for addr, want := range map[string]string{
+		hostviewtest.RootNVMe:    "not offered: in use: / (vg0-root on nvme0n1p3)",
+		hostviewtest.MgmtNIC:     "not offered: in use: default route (eno1)",
+		hostviewtest.MgmtNICMate: "not offered: IOMMU group 3: member " + hostviewtest.MgmtNIC + " is not offered (in use: default route (eno1))",
+		hostviewtest.VMGPU:       "not offered: in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/60",
+		hostviewtest.UART:        "not offered: in use: serial console ttyS4",
+		hostviewtest.FreeVFIO:    "offered",
+		hostviewtest.FreeNVMe:    "offered",
+		// Its container is another user without the plugin's checkpoint.
+		hostviewtest.OwnNIC: "not offered: in use: held by pid 5000 (dpdk-testpmd) through /dev/vfio/63",
+	} {
+		line := ""
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, addr) {
+				line = l
+			}
+		}
+		if !strings.HasSuffix(line, want) {
+			t.Errorf("%s: line %q, want it to end in %q", addr, line, want)
+		}
+	}
+}
+
+func TestHostViewUnavailable(t *testing.T) {
+	root := server(t)
+	out, errOut, err := run(t, inspect.Options{SysfsRoot: root, ProcRoot: filepath.Join(t.TempDir(), "empty"), NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(errOut, "warning: the host view cannot be read") || !strings.Contains(errOut, "mountinfo") {
+		t.Errorf("warnings %q do not say the host view is unavailable", errOut)
+	}
+	if !strings.Contains(out, "0000:82:00.0") || !strings.Contains(out, "host view unavailable") {
+		t.Errorf("the SmartNIC's decision does not name the host view:\n%s", out)
 	}
 }

@@ -160,11 +160,15 @@ func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration, host *HostUse) 
 // hostReason keeps what the host uses with the host; it comes before the
 // configuration, so that no allow entry can take it.
 func hostReason(d *pci.Device, host *HostUse) string {
-	if host != nil && host.Unavailable == "" {
+	if host != nil {
+		// What was seen is evidence even when another part of the
+		// view could not be read.
 		if evidence, ok := host.InUse[d.Address]; ok {
 			return "in use: " + evidence
 		}
-		return ""
+		if host.Unavailable == "" {
+			return ""
+		}
 	}
 	switch d.Class >> 16 {
 	case 0x01, 0x02:

@@ -21,6 +21,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
@@ -30,6 +31,7 @@ import (
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
+	host   *hostview.Reader
 	binder *vfio.Binder
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
@@ -58,6 +60,9 @@ type Driver struct {
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
+	// hostUnavailable is why the host view could not be read at the last
+	// scan, so that a change is logged once.
+	hostUnavailable string
 }
 
 var _ kubeletplugin.DRAPlugin = &Driver{}
@@ -85,6 +90,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	d := &Driver{
 		cfg:    cfg,
 		fs:     fs,
+		host:   hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
 		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
 		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:    cdi,
@@ -175,12 +181,20 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, v, err := d.scan(ctx)
+	inv, host, v, err := d.scan(ctx)
 	if err != nil {
 		return false, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if host.Unavailable != d.hostUnavailable {
+		if host.Unavailable != "" {
+			logger.Info("Warning: the host view cannot be read, storage and network controllers are not offered", "reason", host.Unavailable)
+		} else {
+			logger.Info("The host view can be read again")
+		}
+		d.hostUnavailable = host.Unavailable
+	}
 	for _, p := range inv.Problems {
 		logger.Error(p, "Skipping PCI device that cannot be read")
 	}
@@ -224,21 +238,23 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 }
 
 // scan reads the node as it is published: functions that claims moved to
-// vfio are described by their host drivers. It judges their health too.
-func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, verdict, error) {
+// vfio are described by their host drivers, and what the host uses is not
+// offered. It judges their health too.
+func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, *inventory.HostUse, verdict, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, verdict{}, err
+		return nil, nil, verdict{}, err
 	}
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
+	host := d.host.Read(hostview.OwnOf(cp))
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), host)
 	if err != nil {
-		return nil, verdict{}, err
+		return nil, nil, verdict{}, err
 	}
-	return inv, d.judge(ctx, inv, cp, true), nil
+	return inv, host, d.judge(ctx, inv, cp, true), nil
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
