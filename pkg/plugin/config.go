@@ -86,6 +86,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("%s is required", name))
 		}
 	}
+	if c.BindTimeout < 0 {
+		errs = append(errs, fmt.Errorf("bind timeout %v must not be negative", c.BindTimeout))
+	}
 	if c.RescanInterval <= 0 {
 		errs = append(errs, fmt.Errorf("rescan interval %v must be positive", c.RescanInterval))
 	}

@@ -135,15 +135,20 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 	return v
 }
 
-// resources returns what to publish for the verdict.
-func (v verdict) resources(driverName, nodeName string) resourceslice.DriverResources {
+// resources returns what to publish for the verdict; withoutCounters
+// leaves out the devices that need shared counters.
+func (v verdict) resources(driverName, nodeName string, withoutCounters bool) resourceslice.DriverResources {
 	taints := map[string][]resourceapi.DeviceTaint{}
 	for name, st := range v.status {
 		if t := st.Taints(driverName); len(t) > 0 {
 			taints[name] = t
 		}
 	}
-	return resources.BuildTainted(nodeName, v.inv, taints)
+	inv := v.inv
+	if withoutCounters {
+		inv = resources.WithoutSharedGroups(inv)
+	}
+	return resources.BuildTainted(nodeName, inv, taints)
 }
 
 // report tells the kubelet the health of every published device.
@@ -185,7 +190,7 @@ func (d *Driver) CheckHealth(ctx context.Context) error {
 	}
 	v := d.judge(ctx, inv, cp, false)
 	d.claimMu.Unlock()
-	if published == nil || !equality.Semantic.DeepEqual(*published, v.resources(d.cfg.DriverName, d.cfg.NodeName)) {
+	if published == nil || !equality.Semantic.DeepEqual(*published, v.resources(d.cfg.DriverName, d.cfg.NodeName, d.countersDropped.Load())) {
 		_, err := d.Resync(ctx)
 		return err
 	}
