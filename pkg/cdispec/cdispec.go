@@ -277,6 +277,10 @@ func deviceNodes(devRoot string, hostPaths []string) ([]*specs.DeviceNode, error
 		nodes = append(nodes, &specs.DeviceNode{
 			Path:     path.Join(containerDevRoot, filepath.ToSlash(rel)),
 			HostPath: host,
+			// Read and write are all a VFIO user needs; without "m" the
+			// container cannot mknod more nodes of the same number. The
+			// runtime creates the node before the cgroup rule applies.
+			Permissions: "rw",
 		})
 	}
 	return nodes, nil

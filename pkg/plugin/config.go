@@ -54,6 +54,11 @@ type Config struct {
 	// published again when the result changed.
 	RescanInterval time.Duration
 
+	// HealthInterval is how often the cheap device health checks run
+	// (device and driver links, AER counters); config space and reset
+	// methods are read at each rescan. Zero selects DefaultHealthInterval.
+	HealthInterval time.Duration
+
 	// SysfsWriter writes the sysfs driver files (driver_override, unbind,
 	// drivers_probe); nil writes the files under SysfsRoot directly
 	// (vfio.OSWriter). Tests put a kernel emulator here.
