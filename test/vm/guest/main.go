@@ -123,6 +123,7 @@ var checks = []checkFunc{
 	{"binder: a member left out of Bind", (*suite).binderGroupCheck},
 	{"binder: an unbind that blocks while the device is open", (*suite).binderBlockedUnbind},
 	{"binder: a function removed between Bind and Restore", (*suite).binderRemoved},
+	{"kernel behaviour: SR-IOV (nvme PF)", (*suite).sriovFacts},
 }
 
 func addrs(as []pci.Address) string {

@@ -161,7 +161,8 @@ func (s *suite) discover() (*topology, error) {
 	}
 	for _, n := range nums {
 		g := t.groups[n]
-		if !withDrivers(g) {
+		if !withDrivers(g) || slices.ContainsFunc(g.endpoints, func(d *pci.Device) bool { return d.SRIOVTotalVFs > 0 }) {
+			// The SR-IOV PF has its own block (sriovFacts).
 			continue
 		}
 		switch {
