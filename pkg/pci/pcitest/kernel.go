@@ -86,9 +86,11 @@ type Kernel struct {
 	native map[string]string
 	fail   map[failKey]error
 	owned  map[int]bool // groups user space holds with a container set
-	writes []string
-	errs   []error
-	dmesg  []string
+	// leavesSRIOV names PF drivers whose remove leaves SR-IOV enabled.
+	leavesSRIOV map[string]bool
+	writes      []string
+	errs        []error
+	dmesg       []string
 }
 
 type failKey struct{ op, addr string }
@@ -123,6 +125,8 @@ func NewKernelWithOptions(sysfsRoot, devRoot string, opts KernelOptions) (*Kerne
 		native:  map[string]string{},
 		fail:    map[failKey]error{},
 		owned:   map[int]bool{},
+
+		leavesSRIOV: map[string]bool{},
 	}
 	if err := os.MkdirAll(filepath.Join(devRoot, "vfio"), 0o755); err != nil {
 		return nil, err
@@ -163,6 +167,15 @@ func (k *Kernel) SetNative(addr, driver string) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.native[addr] = driver
+}
+
+// SetLeavesSRIOV makes unbinding a PF from driver leave its VFs, as nvme
+// does: it does not call pci_disable_sriov in its remove. Every other
+// driver takes the VFs with it, as the NIC PF drivers do.
+func (k *Kernel) SetLeavesSRIOV(driver string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.leavesSRIOV[driver] = true
 }
 
 // SetGroupOwned models user space taking (owned true) or dropping (false)
@@ -527,7 +540,8 @@ func (k *Kernel) attach(a pci.Address, driver string) error {
 
 // detach unbinds addr. The driver core removes the links before it calls
 // the driver's remove, so VFIO nodes go after the driver link. A PF
-// driver's remove disables SR-IOV: the VFs go away.
+// driver's remove disables SR-IOV: the VFs go away (unless
+// SetLeavesSRIOV names the driver).
 func (k *Kernel) detach(a pci.Address, driver string) error {
 	if err := k.tree.Unbind(a.String()); err != nil {
 		return err
@@ -536,6 +550,9 @@ func (k *Kernel) detach(a pci.Address, driver string) error {
 		if err := k.vfioDetached(a); err != nil {
 			return err
 		}
+	}
+	if k.leavesSRIOV[driver] {
+		return nil
 	}
 	return k.disableSRIOV(a)
 }

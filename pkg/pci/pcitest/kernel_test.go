@@ -988,6 +988,17 @@ func TestSRIOV(t *testing.T) {
 		}
 	})
 
+	t.Run("a driver that leaves SR-IOV enabled", func(t *testing.T) {
+		f := setup(t, "ixgbe")
+		f.k.SetLeavesSRIOV("ixgbe")
+		mustWrite(t, f, f.driverFile("ixgbe", "unbind"), pf)
+		for _, vf := range []string{vf0, vf1} {
+			if d := f.driver(t, vf); d != "ixgbevf" {
+				t.Errorf("VF %s on %q after the PF's unbind, want it kept on ixgbevf", vf, d)
+			}
+		}
+	})
+
 	t.Run("sriov_drivers_autoprobe", func(t *testing.T) {
 		f := setup(t, "ixgbe")
 		autoprobe := f.fs.DevicePath(mustAddr(t, pf), "sriov_drivers_autoprobe")
