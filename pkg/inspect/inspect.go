@@ -8,11 +8,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
@@ -53,6 +55,10 @@ type Options struct {
 func Run(out, errOut io.Writer, o Options) error {
 	if o.NodeName == "" {
 		return fmt.Errorf("a node name is required")
+	}
+	// The API would refuse slices for it: a node name is a DNS subdomain.
+	if errs := validation.IsDNS1123Subdomain(o.NodeName); len(errs) > 0 {
+		return fmt.Errorf("node name %q is not a valid node name: %s", o.NodeName, strings.Join(errs, "; "))
 	}
 	switch o.Output {
 	case FormatTable, FormatJSON, FormatYAML:
@@ -145,6 +151,9 @@ func printTable(out io.Writer, inv *inventory.Inventory) error {
 		name, decision := "-", "not offered: "+d.Reason
 		if d.Offered {
 			name, decision = p.Address.DeviceName(), "offered"
+		}
+		for _, n := range d.Notes {
+			decision += " (note: " + n + ")"
 		}
 		fmt.Fprintf(w, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\n",
 			p.Address, p.VendorID, p.DeviceID, p.Class, group, driver, numa, name, decision)

@@ -128,10 +128,13 @@ func TestErrors(t *testing.T) {
 		o    inspect.Options
 		want []string
 	}{
-		"unknown format":   {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "xml"}, []string{`"xml"`}},
-		"no node":          {inspect.Options{SysfsRoot: root, Output: "table"}, []string{"node name"}},
-		"missing sysfs":    {inspect.Options{SysfsRoot: filepath.Join(root, "nope"), NodeName: "n", Output: "table"}, []string{"nope"}},
-		"malformed config": {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "table", ConfigFile: bad}, []string{bad, "allow[0].vendor"}},
+		"unknown format":            {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "xml"}, []string{`"xml"`}},
+		"no node":                   {inspect.Options{SysfsRoot: root, Output: "table"}, []string{"node name"}},
+		"node name with upper case": {inspect.Options{SysfsRoot: root, NodeName: "Worker-1", Output: "table"}, []string{`node name "Worker-1" is not a valid node name`, "lower case"}},
+		"node name with a slash":    {inspect.Options{SysfsRoot: root, NodeName: "../etc", Output: "table"}, []string{`"../etc" is not a valid node name`}},
+		"node name too long":        {inspect.Options{SysfsRoot: root, NodeName: strings.Repeat("a", 254), Output: "json"}, []string{"not a valid node name", "253"}},
+		"missing sysfs":             {inspect.Options{SysfsRoot: filepath.Join(root, "nope"), NodeName: "n", Output: "table"}, []string{"nope"}},
+		"malformed config":          {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "table", ConfigFile: bad}, []string{bad, "allow[0].vendor"}},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -164,6 +167,27 @@ func TestUnreadableDeviceIsReported(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "0000:82:00.0") || strings.Contains(out, "0000:82:00.0") {
 		t.Errorf("want the unreadable device on stderr only; stdout:\n%s\nstderr:\n%s", out, errOut)
+	}
+}
+
+// TestUnreadableConfigIsNoted: a function whose config cannot be read is
+// still decided, by its class, and the table says so.
+func TestUnreadableConfigIsNoted(t *testing.T) {
+	root := server(t)
+	dir, err := pcitest.Open(root).DevicePath("0000:84:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, dir, "config"), []byte{0xee, 0x10}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(t, inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "pci-0000-84-00-0  offered (note: header type unknown, the class decided whether it is a bridge: " + filepath.Join(root, dir, "config") + ": 2 bytes, too short"
+	if !strings.Contains(out, want) {
+		t.Errorf("table lacks %q:\n%s", want, out)
 	}
 }
 
