@@ -20,6 +20,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
@@ -67,10 +68,17 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	var w vfio.Writer = vfio.OSWriter{}
+	if cfg.SysfsWriter != nil {
+		w = cfg.SysfsWriter
+	}
+	if cfg.Metrics != nil {
+		w = timedWriter{w: w, fs: fs, m: cfg.Metrics}
+	}
 	d := &Driver{
 		cfg:    cfg,
 		fs:     fs,
-		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
+		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: w, Timeout: cfg.BindTimeout}),
 		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:    cdi,
 		fatal:  make(chan error, 1),
@@ -105,6 +113,8 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		d.Stop()
 		return nil, err
 	}
+	cfg.Metrics.SetPreparedClaimsSource(d.preparedClaims)
+	cfg.Metrics.SetReady(true)
 	return d, nil
 }
 
@@ -141,6 +151,7 @@ func (d *Driver) Wait(ctx context.Context) error {
 		case <-ticker.C:
 			if _, err := d.Resync(ctx); err != nil {
 				// The next scan may succeed; keep publishing what we had.
+				d.cfg.Metrics.Failure(metrics.OpRescan, "")
 				logger.Error(err, "Rescanning PCI devices failed")
 			}
 		}
@@ -166,6 +177,7 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 			logger.Info("PCI device has no IOMMU group, VFIO cannot use it", "pciAddress", dec.Device.Address)
 		}
 	}
+	d.cfg.Metrics.SetFunctions(len(inv.Offered()), inv.NotOfferedByKind())
 	res := resources.Build(d.cfg.NodeName, inv)
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
 		return false, nil
@@ -263,11 +275,28 @@ func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 		}
 		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name))
 		logger.Info("Rolling back a prepare that did not finish before the plugin stopped")
-		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+		err := d.unprepareClaim(klog.NewContext(ctx, logger), uid)
+		d.cfg.Metrics.Rollback(err)
+		if err != nil {
 			return fmt.Errorf("roll back the unfinished prepare of ResourceClaim %s/%s: %w", c.Namespace, c.Name, err)
 		}
 	}
 	return nil
+}
+
+// preparedClaims counts the claims the checkpoint holds as prepared.
+func (d *Driver) preparedClaims() (int, error) {
+	cp, err := d.store.Get()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, c := range cp.Claims {
+		if c.State == checkpoint.PrepareCompleted {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // WatchHealthStatus is not called: the health service is off (see Start).
