@@ -8,15 +8,18 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -31,7 +34,11 @@ const (
 
 // Options selects what to inspect and how to print it.
 type Options struct {
-	SysfsRoot  string
+	SysfsRoot string
+	// ProcRoot is where the host's /proc is: what the host uses (mounts,
+	// routes, processes holding VFIO devices) is read there, as the
+	// plugin reads it.
+	ProcRoot   string
 	NodeName   string
 	DriverName string
 	// ConfigFile is a DriverConfiguration file; "" means none.
@@ -49,6 +56,10 @@ func Run(out, errOut io.Writer, o Options) error {
 	if o.NodeName == "" {
 		return fmt.Errorf("a node name is required")
 	}
+	// The API would refuse slices for it: a node name is a DNS subdomain.
+	if errs := validation.IsDNS1123Subdomain(o.NodeName); len(errs) > 0 {
+		return fmt.Errorf("node name %q is not a valid node name: %s", o.NodeName, strings.Join(errs, "; "))
+	}
 	switch o.Output {
 	case FormatTable, FormatJSON, FormatYAML:
 	default:
@@ -65,18 +76,20 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	var hostDrivers map[string]string
+	cp := &checkpoint.Checkpoint{}
 	if o.CheckpointFile != "" {
 		if _, err := os.Stat(o.CheckpointFile); err != nil {
 			return fmt.Errorf("checkpoint: %w", err)
 		}
-		cp, err := checkpoint.NewStore(o.CheckpointFile).Get()
-		if err != nil {
+		if cp, err = checkpoint.NewStore(o.CheckpointFile).Get(); err != nil {
 			return err
 		}
-		hostDrivers = cp.HostDrivers()
 	}
-	inv, err := inventory.Scan(fs, cfg, hostDrivers)
+	host := hostview.New(o.SysfsRoot, o.ProcRoot).Read(hostview.OwnOf(cp))
+	if host.Unavailable != "" {
+		fmt.Fprintf(errOut, "warning: the host view cannot be read, storage and network controllers are not offered: %s\n", host.Unavailable)
+	}
+	inv, err := inventory.Scan(fs, cfg, cp.HostDrivers(), host)
 	if err != nil {
 		return err
 	}
@@ -138,6 +151,9 @@ func printTable(out io.Writer, inv *inventory.Inventory) error {
 		name, decision := "-", "not offered: "+d.Reason
 		if d.Offered {
 			name, decision = p.Address.DeviceName(), "offered"
+		}
+		for _, n := range d.Notes {
+			decision += " (note: " + n + ")"
 		}
 		fmt.Fprintf(w, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\n",
 			p.Address, p.VendorID, p.DeviceID, p.Class, group, driver, numa, name, decision)

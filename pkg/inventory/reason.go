@@ -6,6 +6,8 @@ import "strings"
 // reason texts carry addresses and numbers; these do not.
 const (
 	KindBridge          = "bridge"
+	KindChipset         = "chipset"
+	KindPlatform        = "platform"
 	KindNoIOMMUGroup    = "no_iommu_group"
 	KindBootVGA         = "boot_vga"
 	KindSRIOVPF         = "sriov_pf_with_vfs"
@@ -22,6 +24,8 @@ const (
 // wins, so longer prefixes of one family come first.
 var reasonKinds = []struct{ prefix, kind string }{
 	{"bridge", KindBridge},
+	{"chipset", KindChipset},
+	{"platform", KindPlatform},
 	{"no IOMMU group", KindNoIOMMUGroup},
 	{"boot VGA", KindBootVGA},
 	{"SR-IOV physical function", KindSRIOVPF},

@@ -13,7 +13,9 @@ func TestReasonKind(t *testing.T) {
 	cfg := &v1alpha1.DriverConfiguration{Deny: []v1alpha1.DeviceSelector{{VendorID: "19ee"}}}
 	inv := scanServer(t, cfg)
 	want := map[string]string{
-		"0000:00:00.0": inventory.KindBridge,
+		"0000:00:00.0": inventory.KindChipset,
+		"0000:00:01.0": inventory.KindBridge,
+		"0000:00:1f.4": inventory.KindPlatform,
 		"0000:00:14.0": inventory.KindNoIOMMUGroup,
 		"0000:00:02.0": inventory.KindBootVGA,
 		"0000:81:00.0": inventory.KindSRIOVPF,

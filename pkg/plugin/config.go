@@ -40,7 +40,8 @@ type Config struct {
 	// RegistrarDir is the kubelet's plugin registration directory.
 	RegistrarDir string
 	// ProcRoot is where the plugin sees the host's /proc; the boot ID there
-	// tells whether the checkpoint is from this boot.
+	// tells whether the checkpoint is from this boot, and the host view
+	// (package hostview) is read there.
 	ProcRoot string
 	// ModulesAlias is the kernel's modules.alias file, for finding vfio
 	// variant drivers (VfioConfig driver "auto"); "" disables "auto".

@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	metadatav1alpha1 "k8s.io/dynamic-resource-allocation/api/metadata/v1alpha1"
 	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -30,6 +32,7 @@ import (
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
+	host   *hostview.Reader
 	binder *vfio.Binder
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
@@ -47,6 +50,9 @@ type Driver struct {
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
+	// hostUnavailable is why the host view could not be read at the last
+	// scan, so that a change is logged once.
+	hostUnavailable string
 }
 
 var _ kubeletplugin.DRAPlugin = &Driver{}
@@ -78,6 +84,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	d := &Driver{
 		cfg:    cfg,
 		fs:     fs,
+		host:   hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
 		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: w, Timeout: cfg.BindTimeout}),
 		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:    cdi,
@@ -100,9 +107,10 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		kubeletplugin.RegistrarDirectoryPath(cfg.RegistrarDir),
 		kubeletplugin.PluginDataDirectoryPath(cfg.PluginDataDir),
 		kubeletplugin.CDIDirectory(cfg.CDIRoot),
-		// KEP-5304: the pciBusID and IOMMU group of each device reach the
-		// container as metadata, which KubeVirt reads.
-		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
+		// KEP-5304: every published attribute of each device reaches the
+		// container as metadata. KubeVirt's virt-launcher reads only
+		// v1alpha1 (the first object of that version in the stream).
+		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion, metadatav1alpha1.SchemeGroupVersion}),
 		// Per-device health is not reported yet: do not advertise it.
 		kubeletplugin.HealthService(false),
 	)
@@ -162,12 +170,20 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, err := d.scan()
+	inv, host, err := d.scan()
 	if err != nil {
 		return false, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if host.Unavailable != d.hostUnavailable {
+		if host.Unavailable != "" {
+			logger.Info("Warning: the host view cannot be read, storage and network controllers are not offered", "reason", host.Unavailable)
+		} else {
+			logger.Info("The host view can be read again")
+		}
+		d.hostUnavailable = host.Unavailable
+	}
 	for _, p := range inv.Problems {
 		logger.Error(p, "Skipping PCI device that cannot be read")
 	}
@@ -210,17 +226,20 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 }
 
 // scan reads the node as it is published: functions that claims moved to
-// vfio are described by their host drivers.
-func (d *Driver) scan() (*inventory.Inventory, error) {
+// vfio are described by their host drivers, and what the host uses is not
+// offered.
+func (d *Driver) scan() (*inventory.Inventory, *inventory.HostUse, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	host := d.host.Read(hostview.OwnOf(cp))
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), host)
+	return inv, host, err
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.

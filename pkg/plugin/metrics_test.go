@@ -3,6 +3,7 @@ package plugin_test
 import (
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
@@ -64,12 +66,35 @@ func TestMetrics(t *testing.T) {
 		t.Fatal("prepare with a failing unbind succeeded")
 	}
 
-	// Offered on the demo server: 01:00.0, 01:00.1, 02:01.0, 02:02.0,
-	// 03:00.0, 03:00.1, 81:00.2, 81:00.3, 82:00.0, 83:00.0, 84:00.0.
+	// The gauge counts what the slices hold, and every other function by
+	// the kind of its reason.
+	slices := n.publishedSlices(ctx, t, func([]resourceapi.ResourceSlice) bool { return true })
+	devices := 0
+	for _, s := range slices {
+		devices += len(s.Spec.Devices)
+	}
+	functions, _, err := n.fs.Scan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := gauge(`vfio_dra_functions{offered="true",reason=""}`); got != strconv.Itoa(devices) {
+		t.Errorf("offered functions = %s, the slices hold %d devices", got, devices)
+	}
+	notOffered := 0
+	for _, kind := range []string{inventory.KindBridge, inventory.KindChipset, inventory.KindPlatform, inventory.KindNoIOMMUGroup,
+		inventory.KindBootVGA, inventory.KindSRIOVPF, inventory.KindGroupMember, inventory.KindHostInUse, inventory.KindHostUnknown, inventory.KindOther} {
+		if v := gauge(`vfio_dra_functions{offered="false",reason="` + kind + `"}`); v != "" {
+			n, _ := strconv.Atoi(v)
+			notOffered += n
+		}
+	}
+	if devices+notOffered != len(functions) {
+		t.Errorf("%d offered and %d not offered functions, the node has %d", devices, notOffered, len(functions))
+	}
+	if got := gauge(`vfio_dra_functions{offered="false",reason="boot_vga"}`); got != "1" {
+		t.Errorf("boot VGA functions = %q, want 1", got)
+	}
 	for _, tc := range []struct{ line, want string }{
-		{`vfio_dra_functions{offered="true",reason=""}`, "11"},
-		{`vfio_dra_functions{offered="false",reason="bridge"}`, "7"},
-		{`vfio_dra_functions{offered="false",reason="boot_vga"}`, "1"},
 		{`vfio_dra_prepare_duration_seconds_count{result="success"}`, "1"},
 		{`vfio_dra_prepare_duration_seconds_count{result="error"}`, "1"},
 		{`vfio_dra_unprepare_duration_seconds_count{result="success"}`, "1"},

@@ -22,6 +22,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -255,13 +256,25 @@ func (d *Driver) completed(ctx context.Context, uid string, c *checkpoint.Claim)
 	for _, dev := range c.Devices {
 		out = append(out, kubeletplugin.Device{
 			Requests: dev.Requests, PoolName: dev.Pool, DeviceName: dev.Device, CDIDeviceIDs: dev.CDIDeviceIDs,
-			Metadata: &kubeletplugin.DeviceMetadata{Attributes: map[string]resourceapi.DeviceAttribute{
-				string(deviceattribute.StandardDeviceAttributePCIBusID): {StringValue: ptr.To(dev.PCIAddress)},
-				"iommuGroup": {IntValue: ptr.To(int64(dev.IOMMUGroup))},
-			}},
+			Metadata: &kubeletplugin.DeviceMetadata{Attributes: metadataAttributes(dev)},
 		})
 	}
 	return out, nil
+}
+
+// metadataAttributes are the KEP-5304 metadata attributes of a prepared
+// device: every attribute it was published with. Claims checkpointed before
+// attributes were recorded get the two KubeVirt needs.
+func metadataAttributes(dev checkpoint.Device) map[string]resourceapi.DeviceAttribute {
+	out := make(map[string]resourceapi.DeviceAttribute, max(len(dev.Attributes), 2))
+	for k, v := range dev.Attributes {
+		out[string(k)] = v
+	}
+	if len(out) == 0 {
+		out[string(deviceattribute.StandardDeviceAttributePCIBusID)] = resourceapi.DeviceAttribute{StringValue: ptr.To(dev.PCIAddress)}
+		out[string(resources.AttrIOMMUGroup)] = resourceapi.DeviceAttribute{IntValue: ptr.To(int64(dev.IOMMUGroup))}
+	}
+	return out
 }
 
 // deviceOf names the allocated device for a PCI address of the claim: the

@@ -23,6 +23,8 @@ import (
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -33,8 +35,10 @@ import (
 const nodeName = "node-a"
 
 type env struct {
-	cfg    plugin.Config
-	tree   *pcitest.Tree
+	cfg  plugin.Config
+	tree *pcitest.Tree
+	// host is what the host uses (hostviewtest.Server: nothing offered).
+	host   *hostviewtest.Host
 	client *fake.Clientset
 }
 
@@ -56,6 +60,10 @@ func newEnv(t *testing.T) *env {
 	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o444); err != nil {
 		t.Fatal(err)
 	}
+	host, err := hostviewtest.Server(tree.Root, proc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	client := fake.NewClientset(&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName, UID: "node-uid"}})
 	// The fake API server does not implement generateName; the controller
 	// relies on it.
@@ -70,6 +78,7 @@ func newEnv(t *testing.T) *env {
 	})
 	return &env{
 		tree:   tree,
+		host:   host,
 		client: client,
 		cfg: plugin.Config{
 			DriverName:     plugin.DefaultDriverName,
@@ -122,7 +131,7 @@ func TestPublishMatchesInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil)
+	inv, err := inventory.Scan(fs, nil, nil, hostview.New(e.tree.Root, e.cfg.ProcRoot).Read(hostview.Own{}))
 	if err != nil {
 		t.Fatal(err)
 	}

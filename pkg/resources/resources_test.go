@@ -38,7 +38,7 @@ func serverInventory(t *testing.T) *inventory.Inventory {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil)
+	inv, err := inventory.Scan(fs, nil, nil, &inventory.HostUse{})
 	if err != nil {
 		t.Fatal(err)
 	}
