@@ -1,6 +1,12 @@
 package pcitest
 
-import "fmt"
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+)
 
 // SRIOVNode returns a node of pfs SR-IOV physical functions, each below its
 // own root port with vfsPerPF virtual functions enabled (at most 256: a bus
@@ -46,4 +52,51 @@ func NewSRIOVNode(root string, pfs, vfsPerPF int) (*Tree, error) {
 		return nil, err
 	}
 	return t, nil
+}
+
+// ReadRaw reads every file and link below root that discovery reads, the
+// way the simplest program would (whole files, no parsing, no checks): the
+// floor of any discovery, for benchmarks. It returns the bytes read.
+func ReadRaw(root string) (int, error) {
+	devDir := filepath.Join(root, pci.BusDevicesDir)
+	entries, err := os.ReadDir(devDir)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, e := range entries {
+		target, err := os.Readlink(filepath.Join(devDir, e.Name()))
+		if err != nil {
+			return 0, err
+		}
+		dir := filepath.Join(devDir, target)
+		for _, f := range []string{"vendor", "device", "subsystem_vendor", "subsystem_device", "class", "numa_node",
+			"sriov_totalvfs", "sriov_numvfs", "boot_vga", "config", "resource"} {
+			if data, err := os.ReadFile(filepath.Join(dir, f)); err == nil {
+				n += len(data)
+			}
+		}
+		for _, l := range []string{"driver", "iommu_group", "physfn"} {
+			if t, err := os.Readlink(filepath.Join(dir, l)); err == nil {
+				n += len(t)
+			}
+		}
+		virtfns, err := filepath.Glob(filepath.Join(dir, "virtfn*"))
+		if err != nil {
+			return 0, err
+		}
+		for _, v := range virtfns {
+			if t, err := os.Readlink(v); err == nil {
+				n += len(t)
+			}
+		}
+		if t, err := os.Readlink(filepath.Join(dir, "iommu_group")); err == nil {
+			members, err := os.ReadDir(filepath.Join(dir, t, "devices"))
+			if err != nil {
+				return 0, err
+			}
+			n += len(members)
+		}
+	}
+	return n, nil
 }
