@@ -50,7 +50,7 @@ accepts.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.SysfsRoot, "sysfs-root", o.SysfsRoot, "Root of the sysfs tree to read.")
-	f.StringVar(&o.ProcRoot, "proc-root", o.ProcRoot, "Where the host's /proc is: what the host uses (mounts, swap, routes, processes holding VFIO devices) is read there and never offered.")
+	f.StringVar(&o.ProcRoot, "proc-root", o.ProcRoot, "Where the host's /proc is: what the host uses (mounts, swap, routes, processes holding VFIO devices) is read there and never offered; the checkpoint's boot ID is compared with this boot's.")
 	f.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of the node the slices are for (required).")
 	f.StringVar(&o.DriverName, "driver-name", o.DriverName, "DRA driver name.")
 	f.StringVar(&o.ConfigFile, "config", o.ConfigFile, "DriverConfiguration file that filters the offered devices.")

@@ -59,6 +59,8 @@ func newCommand() (*cobra.Command, *options) {
 			ProcRoot:       "/proc",
 			ModulesAlias:   modulesAlias(),
 			RescanInterval: time.Minute,
+			HealthInterval: plugin.DefaultHealthInterval,
+			BindTimeout:    10 * time.Second,
 		},
 		kubeAPIQPS:   50,
 		kubeAPIBurst: 100,
@@ -117,6 +119,8 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.cfg.ModulesAlias, "modules-alias", o.cfg.ModulesAlias, "The kernel's modules.alias, to find vfio variant drivers for driver \"auto\"; empty disables \"auto\".")
 	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
+	fs.DurationVar(&o.cfg.HealthInterval, "health-interval", o.cfg.HealthInterval, "How often to check device health cheaply (device and driver links, AER counters) and report it to the kubelet; config space and reset methods are checked at each rescan.")
+	fs.DurationVar(&o.cfg.BindTimeout, "bind-timeout", o.cfg.BindTimeout, "Bound of each step of binding and giving back a function: one sysfs write, or the wait for its effect (driver link, VFIO device node).")
 
 	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
 	for _, f := range fss.FlagSets {

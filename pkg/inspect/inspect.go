@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -37,7 +39,8 @@ type Options struct {
 	SysfsRoot string
 	// ProcRoot is where the host's /proc is: what the host uses (mounts,
 	// routes, processes holding VFIO devices) is read there, as the
-	// plugin reads it.
+	// plugin reads it, and the checkpoint's boot ID is compared with the
+	// one there ("" skips the comparison).
 	ProcRoot   string
 	NodeName   string
 	DriverName string
@@ -84,6 +87,11 @@ func Run(out, errOut io.Writer, o Options) error {
 		if cp, err = checkpoint.NewStore(o.CheckpointFile).Get(); err != nil {
 			return err
 		}
+		if otherBoot(errOut, cp, o.ProcRoot) {
+			// The plugin forgets these claims at its next start: a
+			// reboot reset every binding they describe.
+			cp = &checkpoint.Checkpoint{}
+		}
 	}
 	host := hostview.New(o.SysfsRoot, o.ProcRoot).Read(hostview.OwnOf(cp))
 	if host.Unavailable != "" {
@@ -97,8 +105,12 @@ func Run(out, errOut io.Writer, o Options) error {
 		fmt.Fprintf(errOut, "warning: skipped: %v\n", p)
 	}
 	if o.Output == FormatTable {
-		return printTable(out, inv)
+		if err := printTable(out, inv); err != nil {
+			return err
+		}
+		return printClaims(out, cp)
 	}
+	warnHeld(errOut, cp)
 	list, err := SliceList(o.DriverName, o.NodeName, inv)
 	if err != nil {
 		return err
@@ -159,4 +171,72 @@ func printTable(out io.Writer, inv *inventory.Inventory) error {
 			p.Address, p.VendorID, p.DeviceID, p.Class, group, driver, numa, name, decision)
 	}
 	return w.Flush()
+}
+
+// otherBoot reports whether the checkpoint was written in another boot
+// than the one procRoot shows, and says so on errOut.
+func otherBoot(errOut io.Writer, cp *checkpoint.Checkpoint, procRoot string) bool {
+	if procRoot == "" || cp.BootID == "" {
+		return false
+	}
+	now, err := checkpoint.ReadBootID(procRoot)
+	if err != nil {
+		fmt.Fprintf(errOut, "warning: cannot compare the checkpoint's boot ID: %v\n", err)
+		return false
+	}
+	if now == cp.BootID {
+		return false
+	}
+	fmt.Fprintf(errOut, "warning: the checkpoint is from another boot (boot ID %s, this boot %s): the plugin forgets its %d claims at its next start; functions are shown as they are\n",
+		cp.BootID, now, len(cp.Claims))
+	return true
+}
+
+// claimStatus says what a checkpointed claim means for the node.
+func claimStatus(c *checkpoint.Claim) string {
+	switch {
+	case c.State == checkpoint.PrepareCompleted && c.LastError == "":
+		return "prepared"
+	case c.State == checkpoint.PrepareCompleted:
+		return "prepared, unprepare failed (the kubelet retries): " + c.LastError
+	case c.LastError != "":
+		return "held: prepare did not finish and giving its groups back failed (retried in the background): " + c.LastError
+	default:
+		return "prepare in progress, or cut short (rolled back at the plugin's next start)"
+	}
+}
+
+func claimGroups(c *checkpoint.Claim) string {
+	var groups []string
+	for _, g := range c.Groups {
+		groups = append(groups, fmt.Sprint(g.Number))
+	}
+	if len(groups) == 0 {
+		return "-"
+	}
+	return strings.Join(groups, ",")
+}
+
+// printClaims lists the checkpointed claims after the table.
+func printClaims(out io.Writer, cp *checkpoint.Checkpoint) error {
+	if len(cp.Claims) == 0 {
+		return nil
+	}
+	w := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(w, "\nCLAIM\tUID\tIOMMU GROUPS\tSTATUS")
+	for _, uid := range slices.Sorted(maps.Keys(cp.Claims)) {
+		c := cp.Claims[uid]
+		fmt.Fprintf(w, "%s/%s\t%s\t%s\t%s\n", c.Namespace, c.Name, uid, claimGroups(c), claimStatus(c))
+	}
+	return w.Flush()
+}
+
+// warnHeld reports, beside a slice list, the claims whose groups are held
+// because giving them back failed.
+func warnHeld(errOut io.Writer, cp *checkpoint.Checkpoint) {
+	for _, uid := range slices.Sorted(maps.Keys(cp.Claims)) {
+		if c := cp.Claims[uid]; c.LastError != "" {
+			fmt.Fprintf(errOut, "warning: ResourceClaim %s/%s (%s), IOMMU groups %s: %s\n", c.Namespace, c.Name, uid, claimGroups(c), claimStatus(c))
+		}
+	}
 }

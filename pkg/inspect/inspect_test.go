@@ -238,6 +238,72 @@ func TestCheckpointHostDrivers(t *testing.T) {
 	}
 }
 
+// TestCheckpointClaims: the checkpoint's claims are listed, a claim whose
+// groups are held because giving them back failed shows why, and a
+// checkpoint from another boot is said to be so and not applied.
+func TestCheckpointClaims(t *testing.T) {
+	root := server(t)
+	proc := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(proc, "sys/kernel/random"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cpFile := filepath.Join(t.TempDir(), "checkpoint.json")
+	write := func(bootID string) {
+		t.Helper()
+		if err := checkpoint.NewStore(cpFile).Update(func(cp *checkpoint.Checkpoint) error {
+			cp.BootID = bootID
+			cp.Claims["uid-held"] = &checkpoint.Claim{Namespace: "ns", Name: "crashed", State: checkpoint.PrepareStarted,
+				LastError: "IOMMU group 2: 0000:01:00.0: check driver: nvidia: driver not loaded",
+				Groups: []checkpoint.Group{{Number: 2, Target: "vfio-pci", Restore: true,
+					Members: []checkpoint.Member{{Address: "0000:01:00.0", Driver: "nvidia"}}}}}
+			cp.Claims["uid-ok"] = &checkpoint.Claim{Namespace: "ns", Name: "nic", State: checkpoint.PrepareCompleted,
+				Groups: []checkpoint.Group{{Number: 25, Target: "vfio-pci", Restore: true,
+					Members: []checkpoint.Member{{Address: "0000:82:00.0", Driver: "nfp"}}}}}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("boot-1")
+	o := inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable, CheckpointFile: cpFile, ProcRoot: proc}
+	out, errOut, err := run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"ns/crashed  uid-held  2             held: prepare did not finish and giving its groups back failed",
+		"nvidia: driver not loaded",
+		"ns/nic      uid-ok    25            prepared",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(errOut, "another boot") || strings.Contains(errOut, "ResourceClaim") {
+		t.Errorf("warnings for a checkpoint of this boot in table output: %s", errOut)
+	}
+	o.Output = inspect.FormatJSON
+	if _, errOut, err = run(t, o); err != nil || !strings.Contains(errOut, "ResourceClaim ns/crashed (uid-held), IOMMU groups 2: held") || strings.Contains(errOut, "ns/nic") {
+		t.Errorf("JSON output: err %v, want only the held claim warned about on stderr: %s", err, errOut)
+	}
+
+	write("boot-0")
+	o.Output = inspect.FormatTable
+	out, errOut, err = run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(errOut, "from another boot (boot ID boot-0, this boot boot-1)") {
+		t.Errorf("no warning about the other boot: %q", errOut)
+	}
+	if strings.Contains(out, "uid-held") {
+		t.Errorf("claims of another boot are listed as current:\n%s", out)
+	}
+}
+
 // TestRunningHost shows, function by function, what the host uses and why
 // it is not offered.
 func TestRunningHost(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
@@ -49,4 +50,19 @@ func stepOf(err error) string {
 		return step.Step
 	}
 	return "other"
+}
+
+// preparedClaims counts the claims the checkpoint holds as prepared.
+func (d *Driver) preparedClaims() (int, error) {
+	cp, err := d.store.Get()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, c := range cp.Claims {
+		if c.State == checkpoint.PrepareCompleted {
+			n++
+		}
+	}
+	return n, nil
 }

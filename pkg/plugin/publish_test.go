@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,6 +41,9 @@ type env struct {
 	// host is what the host uses (hostviewtest.Server: nothing offered).
 	host   *hostviewtest.Host
 	client *fake.Clientset
+	// countersOff makes the fake API server behave as one with
+	// DRAPartitionableDevices off: it drops shared counters.
+	countersOff *atomic.Bool
 }
 
 func newEnv(t *testing.T) *env {
@@ -76,10 +80,38 @@ func newEnv(t *testing.T) *env {
 		}
 		return false, nil, nil
 	})
+	// A real API server stores nothing for a dry run, and drops shared
+	// counters when DRAPartitionableDevices is off.
+	countersOff := &atomic.Bool{}
+	for _, verb := range []string{"create", "update"} {
+		client.PrependReactor(verb, "resourceslices", func(action k8stesting.Action) (bool, runtime.Object, error) {
+			var s *resourceapi.ResourceSlice
+			dryRun := false
+			switch a := action.(type) {
+			case k8stesting.CreateActionImpl:
+				s, dryRun = a.GetObject().(*resourceapi.ResourceSlice), len(a.CreateOptions.DryRun) > 0
+			case k8stesting.UpdateActionImpl:
+				s, dryRun = a.GetObject().(*resourceapi.ResourceSlice), len(a.UpdateOptions.DryRun) > 0
+			default:
+				return false, nil, nil
+			}
+			if countersOff.Load() {
+				s.Spec.SharedCounters = nil
+				for i := range s.Spec.Devices {
+					s.Spec.Devices[i].ConsumesCounters = nil
+				}
+			}
+			if dryRun {
+				return true, s, nil
+			}
+			return false, nil, nil
+		})
+	}
 	return &env{
-		tree:   tree,
-		host:   host,
-		client: client,
+		tree:        tree,
+		host:        host,
+		client:      client,
+		countersOff: countersOff,
 		cfg: plugin.Config{
 			DriverName:     plugin.DefaultDriverName,
 			NodeName:       nodeName,

@@ -200,6 +200,7 @@ func (t *Tree) add(fn Function) error {
 	if fn.SRIOVTotalVFs > 0 {
 		files["sriov_totalvfs"] = fmt.Sprintf("%d\n", fn.SRIOVTotalVFs)
 		files["sriov_numvfs"] = "0\n"
+		files["sriov_drivers_autoprobe"] = "1\n"
 	}
 	for name, content := range files {
 		if err := os.WriteFile(t.path(dir+"/"+name), []byte(content), 0o644); err != nil {
