@@ -21,7 +21,7 @@ func TestScanGroupsDecidesAsScan(t *testing.T) {
 		"server": func(root string) error { _, err := pcitest.NewServer(root); return err },
 		"sriov":  func(root string) error { _, err := pcitest.NewSRIOVNode(root, 2, 8); return err },
 	}
-	for _, name := range []string{"nas", "suprox"} {
+	for _, name := range []string{"nas", "suprox", "adl"} {
 		layouts[name] = func(root string) error {
 			m, err := pcitest.LoadMachine(filepath.Join("testdata", "real-machines", name+".json"))
 			if err != nil {
