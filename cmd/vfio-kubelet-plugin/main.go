@@ -4,9 +4,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -19,8 +23,10 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	"k8s.io/component-base/term"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/healthcheck"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
 
@@ -30,10 +36,11 @@ func main() {
 }
 
 type options struct {
-	kubeconfig string
-	configFile string
-	cfg        plugin.Config
-	logging    *logsapi.LoggingConfiguration
+	kubeconfig      string
+	configFile      string
+	healthcheckPort int
+	cfg             plugin.Config
+	logging         *logsapi.LoggingConfiguration
 }
 
 // newCommand returns the command and the options its flags fill in.
@@ -69,6 +76,11 @@ func newCommand() (*cobra.Command, *options) {
 			// the gRPC services down and remove the sockets.
 			ctx, stop := signal.NotifyContext(cmd.Context(), unix.SIGTERM, unix.SIGINT)
 			defer stop()
+			if o.healthcheckPort >= 0 {
+				if err := o.serveHealthchecks(ctx); err != nil {
+					return err
+				}
+			}
 			return plugin.Run(ctx, o.cfg)
 		},
 	}
@@ -90,6 +102,7 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.cfg.ModulesAlias, "modules-alias", o.cfg.ModulesAlias, "The kernel's modules.alias, to find vfio variant drivers for driver \"auto\"; empty disables \"auto\".")
 	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
+	fs.IntVar(&o.healthcheckPort, "healthcheck-port", -1, "TCP port of a grpc.health.v1 service for a liveness probe; it checks that the plugin answers on its kubelet sockets. Negative disables it.")
 
 	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
 	for _, f := range fss.FlagSets {
@@ -107,6 +120,25 @@ func modulesAlias() string {
 		return ""
 	}
 	return "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/modules.alias"
+}
+
+// serveHealthchecks listens on the health check port and answers there
+// until ctx is done. A port that cannot be had fails the start.
+func (o *options) serveHealthchecks(ctx context.Context) error {
+	l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(o.healthcheckPort)))
+	if err != nil {
+		return fmt.Errorf("health check port: %w", err)
+	}
+	sockets := healthcheck.Sockets{
+		Registration: filepath.Join(o.cfg.RegistrarDir, o.cfg.DriverName+"-reg.sock"),
+		DRA:          filepath.Join(o.cfg.PluginDataDir, "dra.sock"),
+	}
+	go func() {
+		if err := healthcheck.Serve(ctx, l, sockets); err != nil {
+			klog.FromContext(ctx).Error(err, "Health checks are no longer answered")
+		}
+	}()
+	return nil
 }
 
 func (o *options) complete() error {
