@@ -91,7 +91,9 @@ func Serve(ctx context.Context, l net.Listener, s Sockets) error {
 	select {
 	case <-ctx.Done():
 		srv.Stop()
-		<-done
+		if err := <-done; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			return fmt.Errorf("health check server: %w", err)
+		}
 		return nil
 	case err := <-done:
 		if errors.Is(err, grpc.ErrServerStopped) {
