@@ -65,6 +65,9 @@ type Claim struct {
 	Groups []Group `json:"groups,omitempty"`
 	// CDISpec is the name of the CDI spec file written for the claim.
 	CDISpec string `json:"cdiSpec,omitempty"`
+	// LastError is why the last attempt to give the claim's groups back
+	// failed; the entry stays, and keeps its groups, until one succeeds.
+	LastError string `json:"lastError,omitempty"`
 }
 
 // Device is one allocated device as returned to the kubelet.

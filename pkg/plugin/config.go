@@ -39,7 +39,8 @@ type Config struct {
 	// RegistrarDir is the kubelet's plugin registration directory.
 	RegistrarDir string
 	// ProcRoot is where the plugin sees the host's /proc; the boot ID there
-	// tells whether the checkpoint is from this boot.
+	// tells whether the checkpoint is from this boot, and the host view
+	// (package hostview) is read there.
 	ProcRoot string
 	// ModulesAlias is the kernel's modules.alias file, for finding vfio
 	// variant drivers (VfioConfig driver "auto"); "" disables "auto".
@@ -79,6 +80,9 @@ func (c *Config) Validate() error {
 		if v == "" {
 			errs = append(errs, fmt.Errorf("%s is required", name))
 		}
+	}
+	if c.BindTimeout < 0 {
+		errs = append(errs, fmt.Errorf("bind timeout %v must not be negative", c.BindTimeout))
 	}
 	if c.RescanInterval <= 0 {
 		errs = append(errs, fmt.Errorf("rescan interval %v must be positive", c.RescanInterval))

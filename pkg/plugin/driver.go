@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/equality"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -30,12 +32,25 @@ import (
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
+	host   *hostview.Reader
 	binder *vfio.Binder
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
 	helper *kubeletplugin.Helper
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
+	// stopBackground ends the goroutines in background (rollback retries,
+	// republishing), which Stop waits for.
+	stopBackground context.CancelFunc
+	background     sync.WaitGroup
+	// rollbackFailed wakes the retry loop of failed rollbacks.
+	rollbackFailed chan struct{}
+	// countersDropped is set while the API server does not keep shared
+	// counters (DRAPartitionableDevices off): then only devices whose
+	// IOMMU group has no other offered member are published.
+	countersDropped atomic.Bool
+	// backgroundCtx is the context of the background work.
+	backgroundCtx context.Context
 
 	// claimMu serializes prepare and unprepare. The helper does that too,
 	// but the checkpoint's consistency must not depend on an option.
@@ -47,6 +62,9 @@ type Driver struct {
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
+	// hostUnavailable is why the host view could not be read at the last
+	// scan, so that a change is logged once.
+	hostUnavailable string
 }
 
 var _ kubeletplugin.DRAPlugin = &Driver{}
@@ -69,13 +87,15 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{
-		cfg:    cfg,
-		fs:     fs,
-		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
-		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
-		cdi:    cdi,
-		fatal:  make(chan error, 1),
-		logged: map[pci.Address]bool{},
+		cfg:            cfg,
+		fs:             fs,
+		host:           hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
+		binder:         vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
+		store:          checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
+		cdi:            cdi,
+		fatal:          make(chan error, 1),
+		rollbackFailed: make(chan struct{}, 1),
+		logged:         map[pci.Address]bool{},
 	}
 	if err := d.forgetOtherBoots(ctx); err != nil {
 		return nil, err
@@ -83,6 +103,8 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := d.rollBackUnfinished(ctx); err != nil {
 		return nil, err
 	}
+	d.backgroundCtx, d.stopBackground = context.WithCancel(context.WithoutCancel(ctx))
+	d.background.Go(func() { d.retryRollbacks(d.backgroundCtx) })
 	if !fs.DriverLoaded("vfio-pci") {
 		klog.FromContext(ctx).Info("Warning: the vfio-pci driver is not loaded; preparing claims fails until it is (modprobe vfio-pci)")
 	}
@@ -101,6 +123,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		kubeletplugin.HealthService(false),
 	)
 	if err != nil {
+		d.stopBackgroundWork()
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
 	}
 	if _, err := d.Resync(ctx); err != nil {
@@ -110,9 +133,18 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	return d, nil
 }
 
-// Stop shuts the gRPC services down. Published slices stay: the plugin
-// comes back with the same devices after a restart.
-func (d *Driver) Stop() { d.helper.Stop() }
+// Stop shuts the gRPC services down and ends the background work.
+// Published slices stay: the plugin comes back with the same devices after
+// a restart.
+func (d *Driver) Stop() {
+	d.helper.Stop()
+	d.stopBackgroundWork()
+}
+
+func (d *Driver) stopBackgroundWork() {
+	d.stopBackground()
+	d.background.Wait()
+}
 
 // Run starts the plugin and blocks until ctx is done or a fatal error
 // happens in the background.
@@ -153,12 +185,20 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, err := d.scan()
+	inv, host, err := d.scan()
 	if err != nil {
 		return false, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if host.Unavailable != d.hostUnavailable {
+		if host.Unavailable != "" {
+			logger.Info("Warning: the host view cannot be read, storage and network controllers are not offered", "reason", host.Unavailable)
+		} else {
+			logger.Info("The host view can be read again")
+		}
+		d.hostUnavailable = host.Unavailable
+	}
 	for _, p := range inv.Problems {
 		logger.Error(p, "Skipping PCI device that cannot be read")
 	}
@@ -169,6 +209,12 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 		}
 	}
 	res := resources.Build(d.cfg.NodeName, inv)
+	if resources.HasSharedCounters(res) {
+		d.checkCounters(ctx, d.published == nil)
+		if d.countersDropped.Load() {
+			res = resources.BuildWithoutCounters(d.cfg.NodeName, inv)
+		}
+	}
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
 		return false, nil
 	}
@@ -176,20 +222,56 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("publish ResourceSlices: %w", err)
 	}
 	d.published = &res
-	logger.Info("Published devices", "offered", len(inv.Offered()), "functions", len(inv.Decisions))
+	logger.Info("Published devices", "offered", len(inv.Offered()), "functions", len(inv.Decisions), "withoutCounters", d.countersDropped.Load())
 	return true, nil
 }
 
-// HandleError is called by the helper for errors in the background. The
-// recoverable ones (publishing) are logged; anything else stops the plugin.
+// checkCounters asks the API server whether it keeps shared counters: at
+// the first publish (always), and while it is known to drop them, so that
+// the devices of multi-device groups come back once it keeps them again.
+func (d *Driver) checkCounters(ctx context.Context, first bool) {
+	dropped := d.countersDropped.Load()
+	if !first && !dropped {
+		// A change is reported by the resourceslice controller
+		// (HandleError).
+		return
+	}
+	logger := klog.FromContext(ctx)
+	ok, err := resources.CountersAccepted(ctx, d.cfg.KubeClient, d.cfg.DriverName, d.cfg.NodeName)
+	if err != nil {
+		logger.Error(err, "Cannot tell whether the API server keeps IOMMU group counters; publishing as before", "withoutCounters", dropped)
+		return
+	}
+	switch {
+	case !ok && !dropped:
+		logger.Info("Warning: the API server drops shared counters (feature gate DRAPartitionableDevices off): publishing only devices whose IOMMU group has no other offered member; prepare and unprepare go on")
+	case ok && dropped:
+		logger.Info("The API server keeps shared counters again: publishing the devices of multi-device IOMMU groups")
+	}
+	d.countersDropped.Store(!ok)
+}
+
+// HandleError is called by the helper for errors in the background. An API
+// server that dropped the IOMMU group counters gets only the devices that
+// are safe without them, republished at once; everything else is logged
+// (publishing is retried by the helper).
 func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 	logger := klog.FromContext(ctx)
 	var dropped *resourceslice.DroppedFieldsError
 	if errors.As(err, &dropped) && slices.Contains(dropped.DisabledFeatures(), "DRAPartitionableDevices") {
 		// Without shared counters the scheduler could hand two members
-		// of one IOMMU group to two claims. Better no devices than that.
-		err = fmt.Errorf("the API server dropped the IOMMU group counters (feature gate DRAPartitionableDevices is off): refusing to publish devices whose groups the scheduler cannot keep whole: %w", err)
-	} else if errors.Is(err, kubeletplugin.ErrRecoverable) {
+		// of one IOMMU group to two claims: take those devices away now.
+		if !d.countersDropped.Swap(true) {
+			logger.Info("Warning: the API server dropped the IOMMU group counters (feature gate DRAPartitionableDevices off): publishing only devices whose IOMMU group has no other offered member; prepare and unprepare go on", "err", err)
+		}
+		d.background.Go(func() {
+			if _, err := d.Resync(d.backgroundCtx); err != nil {
+				klog.FromContext(d.backgroundCtx).Error(err, "Publishing the devices that are safe without counters")
+			}
+		})
+		return
+	}
+	if errors.Is(err, kubeletplugin.ErrRecoverable) {
 		logger.Error(err, msg)
 		return
 	}
@@ -200,17 +282,20 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 }
 
 // scan reads the node as it is published: functions that claims moved to
-// vfio are described by their host drivers.
-func (d *Driver) scan() (*inventory.Inventory, error) {
+// vfio are described by their host drivers, and what the host uses is not
+// offered.
+func (d *Driver) scan() (*inventory.Inventory, *inventory.HostUse, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
+	host := d.host.Read(hostview.OwnOf(cp))
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), host)
+	return inv, host, err
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
@@ -253,7 +338,10 @@ func (d *Driver) forgetOtherBoots(ctx context.Context) error {
 
 // rollBackUnfinished undoes prepares that a crash cut short, so that their
 // groups go back to the host now rather than when the kubelet happens to
-// ask for that claim again.
+// ask for that claim again. A rollback that fails does not stop the plugin:
+// the claim keeps its entry, and with it its groups (no other claim can be
+// prepared on them, and they are published with their host drivers), and
+// retryRollbacks tries again. Only an unreadable checkpoint is an error.
 func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 	cp, err := d.store.Get()
 	if err != nil {
@@ -263,13 +351,80 @@ func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 		if c.State != checkpoint.PrepareStarted {
 			continue
 		}
-		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name))
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
 		logger.Info("Rolling back a prepare that did not finish before the plugin stopped")
 		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
-			return fmt.Errorf("roll back the unfinished prepare of ResourceClaim %s/%s: %w", c.Namespace, c.Name, err)
+			logger.Error(err, "Rolling back an unfinished prepare failed; its IOMMU groups stay held and it is retried in the background")
 		}
 	}
 	return nil
+}
+
+// Bounds of the retry of failed rollbacks: doubled after each failed round.
+const (
+	rollbackRetryFirst = time.Second
+	rollbackRetryMax   = 5 * time.Minute
+)
+
+// retryRollbacks gives back, with backoff, the groups of claims whose
+// prepare did not finish and whose rollback failed (state PrepareStarted
+// with a LastError), until ctx is done. The kubelet may never ask for such
+// a claim again (its pod is gone), so nobody else would.
+func (d *Driver) retryRollbacks(ctx context.Context) {
+	logger := klog.FromContext(ctx)
+	for {
+		// Idle until a rollback fails.
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.rollbackFailed:
+		}
+		for delay := rollbackRetryFirst; ; delay = min(2*delay, rollbackRetryMax) {
+			timer := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return
+			case <-timer.C:
+			}
+			// Failures of this round must not wake the next one early.
+			select {
+			case <-d.rollbackFailed:
+			default:
+			}
+			pending, err := d.retryRollbacksOnce(ctx)
+			if err != nil {
+				logger.Error(err, "Retrying failed rollbacks")
+			} else if pending == 0 {
+				break
+			}
+		}
+	}
+}
+
+// retryRollbacksOnce tries each failed rollback once and reports how many
+// are still failing.
+func (d *Driver) retryRollbacksOnce(ctx context.Context) (int, error) {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	cp, err := d.store.Get()
+	if err != nil {
+		return 0, err
+	}
+	pending := 0
+	for uid, c := range cp.Claims {
+		if c.State != checkpoint.PrepareStarted || c.LastError == "" {
+			continue
+		}
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
+		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+			logger.V(2).Info("Rollback still fails", "err", err)
+			pending++
+			continue
+		}
+		logger.Info("Rolled back an unfinished prepare on retry")
+	}
+	return pending, nil
 }
 
 // WatchHealthStatus is not called: the health service is off (see Start).

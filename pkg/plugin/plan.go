@@ -11,6 +11,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -44,7 +45,10 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		configs = append(configs, decodedConfig{source: c.Source, requests: c.Requests, config: vc})
 	}
 
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), &inventory.HostUse{})
+	// The host view is read again here, just before anything is written:
+	// a function mounted or opened by another process since the last scan
+	// fails the claim with the mount or the process as the reason.
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), d.host.Read(hostview.OwnOf(cp)))
 	if err != nil {
 		return nil, err
 	}

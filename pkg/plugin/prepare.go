@@ -135,7 +135,13 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 func (d *Driver) apply(ctx context.Context, uid string, p *checkpoint.Claim) ([]checkpoint.Device, string, error) {
 	logger := klog.FromContext(ctx)
 	for _, g := range p.Groups {
-		if err := d.binder.Bind(ctx, g.Number, originals(g.Members), g.Target); err != nil {
+		// An iommufd user opens the functions' cdevs, never the group
+		// node, which a kernel without CONFIG_VFIO_GROUP does not make.
+		waitFor := vfio.WaitGroupNode
+		if g.IOMMUFD {
+			waitFor = vfio.WaitDeviceCDevs
+		}
+		if err := d.binder.BindFor(ctx, g.Number, originals(g.Members), g.Target, waitFor); err != nil {
 			var step *vfio.StepError
 			if errors.As(err, &step) && step.Address != "" {
 				return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)
@@ -298,9 +304,15 @@ func devicesOfGroup(c *checkpoint.Claim, group int) string {
 	return strings.Join(names, ", ")
 }
 
-// unprepareClaim undoes a prepared or half-prepared claim.
-func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
+// unprepareClaim undoes a prepared or half-prepared claim. When that fails
+// the claim keeps its entry, with the error as its LastError.
+func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 	logger := klog.FromContext(ctx)
+	defer func() {
+		if err != nil {
+			d.recordFailure(ctx, uid, err)
+		}
+	}()
 	if err := d.cdi.RemoveClaim(uid); err != nil {
 		return fmt.Errorf("remove CDI spec: %w", err)
 	}
@@ -342,6 +354,34 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) error {
 	}
 	logger.Info("Unprepared claim")
 	return nil
+}
+
+// errNoEntry tells Store.Update that there is nothing to write.
+var errNoEntry = errors.New("no checkpoint entry")
+
+// recordFailure keeps why giving a claim's groups back failed in its entry,
+// for `vfio-dra inspect --checkpoint`, and has a claim whose prepare did
+// not finish retried in the background.
+func (d *Driver) recordFailure(ctx context.Context, uid string, failure error) {
+	started := false
+	err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		c := cp.Claims[uid]
+		if c == nil {
+			return errNoEntry
+		}
+		c.LastError = failure.Error()
+		started = c.State == checkpoint.PrepareStarted
+		return nil
+	})
+	if err != nil && !errors.Is(err, errNoEntry) {
+		klog.FromContext(ctx).Error(err, "Recording a failed unprepare in the checkpoint")
+	}
+	if started {
+		select {
+		case d.rollbackFailed <- struct{}{}:
+		default: // The retry loop is awake already.
+		}
+	}
 }
 
 func originals(members []checkpoint.Member) []vfio.Original {

@@ -3,11 +3,14 @@ package plugin_test
 import (
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
 	"k8s.io/klog/v2/ktesting"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -128,21 +132,161 @@ func TestPrepareFinishesAfterTheCallerGaveUp(t *testing.T) {
 	}
 }
 
-// Without shared counters the scheduler cannot keep IOMMU groups whole:
-// an API server that drops them stops the plugin.
-func TestDroppedCountersAreFatal(t *testing.T) {
+// publishedDevices returns the published device names and whether any
+// slice has shared counters or a device consumes them.
+func publishedDevices(slices []resourceapi.ResourceSlice) (map[string]bool, bool) {
+	names, counters := map[string]bool{}, false
+	for _, s := range slices {
+		counters = counters || len(s.Spec.SharedCounters) > 0
+		for _, d := range s.Spec.Devices {
+			names[d.Name] = true
+			counters = counters || len(d.ConsumesCounters) > 0
+		}
+	}
+	return names, counters
+}
+
+// Without shared counters the scheduler cannot keep IOMMU groups whole: an
+// API server that drops them gets only the devices of single-device groups,
+// the plugin keeps preparing and unpreparing, and the other devices come
+// back once the counters are kept again.
+func TestNoCountersPublishesOnlySafeDevices(t *testing.T) {
 	t.Parallel()
 	_, ctx := ktesting.NewTestContext(t)
 	n := newNode(t)
+	n.countersOff.Store(true)
 	n.start(ctx, t)
+	const gpu, nic = "pci-0000-01-00-0", "pci-0000-82-00-0"
+	safe := func(slices []resourceapi.ResourceSlice) bool {
+		names, counters := publishedDevices(slices)
+		return names[nic] && !names[gpu] && !counters
+	}
+	got := n.publishedSlices(ctx, t, safe)
+	if names, _ := publishedDevices(got); names["pci-0000-02-01-0"] || names["pci-0000-03-00-0"] || !names["pci-0000-83-00-0"] {
+		t.Errorf("published without counters: %v; want only devices of single-device groups", names)
+	}
+	claim := n.createClaim(ctx, t, "nic", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
+	n.mustPrepare(ctx, t, claim)
+	n.mustUnprepare(ctx, t, claimRef(claim))
+
+	n.countersOff.Store(false)
+	if changed, err := n.driver.Resync(ctx); err != nil || !changed {
+		t.Fatalf("Resync once the counters are kept = %v, %v; want the other devices published", changed, err)
+	}
+	n.publishedSlices(ctx, t, func(slices []resourceapi.ResourceSlice) bool {
+		names, counters := publishedDevices(slices)
+		return names[gpu] && counters
+	})
+
+	// The API server loses the feature while the plugin runs: the
+	// resourceslice controller reports the dropped fields.
+	n.countersOff.Store(true)
 	desired := &resourceapi.ResourceSlice{Spec: resourceapi.ResourceSliceSpec{SharedCounters: []resourceapi.CounterSet{{Name: "iommu-group-2"}}}}
 	dropped := &resourceslice.DroppedFieldsError{PoolName: nodeName, DesiredSlice: desired, ActualSlice: &resourceapi.ResourceSlice{}}
 	if got := dropped.DisabledFeatures(); len(got) == 0 || got[0] != "DRAPartitionableDevices" {
 		t.Fatalf("DisabledFeatures() = %v; the test does not build the error the library reports", got)
 	}
 	n.driver.HandleError(ctx, errors.Join(kubeletplugin.ErrRecoverable, dropped), "publishing")
-	err := n.driver.Wait(ctx)
-	if err == nil || !strings.Contains(err.Error(), "DRAPartitionableDevices") {
-		t.Errorf("Wait() = %v, want a fatal error about the dropped counters", err)
+	n.publishedSlices(ctx, t, safe)
+	n.mustPrepare(ctx, t, claim)
+	n.mustUnprepare(ctx, t, claimRef(claim))
+	// Nothing fatal is pending: Wait runs until its context ends.
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := n.driver.Wait(short); err != nil {
+		t.Errorf("Wait() = %v: the plugin stopped", err)
 	}
+}
+
+// A crash cut a prepare short, and its rollback fails at the next start
+// (the GPU's host driver module was unloaded meanwhile). The plugin starts
+// all the same and serves other claims; the claim keeps its entry and its
+// group, with the reason, and is rolled back in the background once the
+// module is back.
+func TestStartDoesNotBlockOnAFailingRollback(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	const (
+		gpu      = "0000:01:00.0"
+		gpuAudio = "0000:01:00.1"
+	)
+	binder := vfio.NewBinder(n.fs, n.cfg.DevRoot, vfio.Options{Writer: n.kernel})
+	members, err := binder.Snapshot([]pci.Address{mustAddr(t, gpu), mustAddr(t, gpuAudio)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	group := checkpoint.Group{Number: 2, Target: "vfio-pci", Restore: true}
+	for _, m := range members {
+		group.Members = append(group.Members, checkpoint.Member(m))
+	}
+	store := checkpoint.NewStore(filepath.Join(n.cfg.PluginDataDir, "checkpoint.json"))
+	if err := store.Update(func(cp *checkpoint.Checkpoint) error {
+		cp.BootID = "boot-1"
+		cp.Claims["uid-crashed"] = &checkpoint.Claim{Namespace: "default", Name: "crashed", State: checkpoint.PrepareStarted, Groups: []checkpoint.Group{group}}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := binder.Bind(ctx, 2, members, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	nvidia := n.fs.Path(pci.BusDriversDir, "nvidia")
+	unloaded := filepath.Join(t.TempDir(), "nvidia")
+	if err := os.Rename(nvidia, unloaded); err != nil {
+		t.Fatal(err)
+	}
+
+	n.start(ctx, t)
+	c := n.checkpoint(t).Claims["uid-crashed"]
+	if c == nil || c.State != checkpoint.PrepareStarted || !strings.Contains(c.LastError, "nvidia") || !strings.Contains(c.LastError, "driver not loaded") {
+		t.Fatalf("checkpoint entry of the crashed claim = %+v, want it kept with the failed step", c)
+	}
+	if got := n.driverOf(t, gpuAudio); got != "snd_hda_intel" {
+		t.Errorf("audio function on %q, want it given back although the GPU could not be", got)
+	}
+	// Other claims are served, but not on the held group.
+	nic := n.createClaim(ctx, t, "nic", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
+	n.mustPrepare(ctx, t, nic)
+	audio := n.createClaim(ctx, t, "audio", []resourceapi.DeviceRequestAllocationResult{result("audio", gpuAudio)})
+	if r := n.prepare(ctx, t, audio); !strings.Contains(r.Error, "prepared for ResourceClaim default/crashed") {
+		t.Errorf("prepare on the held group: error %q, want it refused naming the crashed claim", r.Error)
+	}
+	n.mustUnprepare(ctx, t, claimRef(audio))
+
+	if err := os.Rename(unloaded, nvidia); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, 30*time.Second, true, func(context.Context) (bool, error) {
+		return n.checkpoint(t).Claims["uid-crashed"] == nil, nil
+	}); err != nil {
+		t.Fatalf("the failed rollback was not retried: %+v", n.checkpoint(t).Claims["uid-crashed"])
+	}
+	if got := n.driverOf(t, gpu); got != "nvidia" {
+		t.Errorf("GPU on %q after the retried rollback, want nvidia", got)
+	}
+	if got := n.driverOf(t, "0000:82:00.0"); got != "vfio-pci" {
+		t.Errorf("SmartNIC of the other claim on %q, want vfio-pci", got)
+	}
+}
+
+// A kernel built without CONFIG_VFIO_GROUP has no /dev/vfio/<group>: an
+// iommufd prepare waits for the functions' cdevs instead.
+func TestIOMMUFDWithoutGroupDevices(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNodeWith(t, pcitest.KernelOptions{DeviceCDev: true, NoVFIOGroup: true})
+	n.mknodIOMMU(t)
+	n.start(ctx, t)
+	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")},
+		opaque(resourceapi.AllocationConfigSourceClaim, vfioConfig(`"iommufd": true`)))
+	devs := n.mustPrepare(ctx, t, claim)
+	paths := n.devicePaths(t, n.inject(t, allCDIIDs(devs)))
+	if diff := cmp.Diff([]string{"/dev/iommu", "/dev/vfio/devices/vfio1", "/dev/vfio/devices/vfio2"}, paths); diff != "" {
+		t.Errorf("injected device nodes (-want +got):\n%s", diff)
+	}
+	if exists(t, filepath.Join(n.cfg.DevRoot, "vfio", "2")) {
+		t.Error("the kernel made a group node; the test does not test a kernel without CONFIG_VFIO_GROUP")
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
 }

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	drapb "k8s.io/kubelet/pkg/apis/dra/v1"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
@@ -127,6 +128,11 @@ func StartNode(ctx context.Context, cp *ControlPlane, opts NodeOptions) (*Node, 
 	}
 	if _, err := pcitest.NewServer(n.SysfsRoot); err != nil {
 		return nil, fmt.Errorf("lay out the demo server's sysfs: %w", err)
+	}
+	// What the host uses: root on the chipset's SATA disk, the default
+	// route on the SR-IOV PF; nothing the server offers.
+	if _, err := hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
+		return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
 	}
 	// The plugin's ResourceSlices are owned by the Node; it must exist first.
 	if _, err := CreateNode(ctx, cp.Client, opts.Name); err != nil {
