@@ -55,7 +55,7 @@ test-vm:
 ## test-tools: the image build (reproducible, both platforms, importable layout,
 ## Dockerfile equivalent) and the examples decoded into their API types.
 test-tools:
-	cd tools && $(GO) test -count=1 ./...
+	cd tools && $(GO) test -count=1 -timeout 45m ./...
 
 ## image: the OCI image layout tar of the static plugin and CLI, linux/amd64 and
 ## linux/arm64, for `ctr images import` and `docker load`; no container engine.

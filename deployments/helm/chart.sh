@@ -11,7 +11,8 @@
 #                     deployments/kubernetes must be what render writes (make test)
 #
 # Helm is built from the versions pinned in tools/go.mod, once, into
-# ~/.cache/vfio-dra-driver/tools (VFIO_TOOLS_CACHE).
+# ~/.cache/vfio-dra-driver/tools (VFIO_TOOLS_CACHE). VFIO_HELM_MAJORS (default "v3 v4")
+# names the Helm versions check lints and templates with.
 set -o errexit -o nounset -o pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -81,7 +82,7 @@ refuse() {
 
 check() {
 	local failed=0 h v
-	for v in v3 v4; do
+	for v in ${VFIO_HELM_MAJORS:-v3 v4}; do
 		h="$(helm "${v}")"
 		echo "== $("${h}" version --short)"
 		"${h}" lint --strict --kube-version "${KUBE_VERSION}" "${CHART}"
@@ -95,6 +96,19 @@ check() {
 	done
 	local tmp
 	tmp="$(mktemp -d)"
+	# Helm 3 and 4 render the same objects (Helm 4 adds blank lines).
+	local first=""
+	for v in ${VFIO_HELM_MAJORS:-v3 v4}; do
+		"$(helm "${v}")" template "${RELEASE}" "${CHART}" --kube-version "${KUBE_VERSION}" --namespace "${NAMESPACE}" \
+			-f "${CHART}/ci/all-options-values.yaml" >"${tmp}/helm-${v}.yaml"
+		if [[ -z "${first}" ]]; then
+			first="${v}"
+		elif ! diff -B "${tmp}/helm-${first}.yaml" "${tmp}/helm-${v}.yaml"; then
+			echo "FAIL: Helm ${first} and Helm ${v} render the chart differently" >&2
+			failed=1
+		fi
+	done
+	rm -f "${tmp}"/helm-*.yaml
 	render "${tmp}"
 	if ! diff -ru "${MANIFESTS}" "${tmp}"; then
 		echo "FAIL: deployments/kubernetes is not what the chart renders: run 'make manifests'" >&2
