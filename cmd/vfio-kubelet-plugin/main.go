@@ -57,6 +57,7 @@ func newCommand() (*cobra.Command, *options) {
 			ProcRoot:       "/proc",
 			ModulesAlias:   modulesAlias(),
 			RescanInterval: time.Minute,
+			HealthInterval: plugin.DefaultHealthInterval,
 			BindTimeout:    10 * time.Second,
 		},
 		logging: logsapi.NewLoggingConfiguration(),
@@ -103,6 +104,7 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.cfg.ModulesAlias, "modules-alias", o.cfg.ModulesAlias, "The kernel's modules.alias, to find vfio variant drivers for driver \"auto\"; empty disables \"auto\".")
 	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
+	fs.DurationVar(&o.cfg.HealthInterval, "health-interval", o.cfg.HealthInterval, "How often to check device health cheaply (device and driver links, AER counters) and report it to the kubelet; config space and reset methods are checked at each rescan.")
 	fs.DurationVar(&o.cfg.BindTimeout, "bind-timeout", o.cfg.BindTimeout, "Bound of each step of binding and giving back a function: one sysfs write, or the wait for its effect (driver link, VFIO device node).")
 	fs.IntVar(&o.healthcheckPort, "healthcheck-port", -1, "TCP port of a grpc.health.v1 service for a liveness probe; it checks that the plugin answers on its kubelet sockets. Negative disables it.")
 

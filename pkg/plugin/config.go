@@ -54,10 +54,21 @@ type Config struct {
 	// published again when the result changed.
 	RescanInterval time.Duration
 
+	// HealthInterval is how often the cheap device health checks run
+	// (device and driver links, AER counters); config space and reset
+	// methods are read at each rescan. Zero selects DefaultHealthInterval.
+	HealthInterval time.Duration
+
 	// SysfsWriter writes the sysfs driver files (driver_override, unbind,
 	// drivers_probe); nil writes the files under SysfsRoot directly
 	// (vfio.OSWriter). Tests put a kernel emulator here.
 	SysfsWriter vfio.Writer
+	// WriteHook, when set, is called before and after each checkpoint and
+	// CDI spec write of prepare and unprepare with one of the Event*
+	// constants; an error stops the write (before) or fails the step
+	// (after). Tests stop the plugin at every such point with it, as a
+	// crash would; nil in production.
+	WriteHook func(event string) error
 	// BindTimeout bounds each wait for sysfs or /dev to show the effect of
 	// a write; zero selects the vfio package's default.
 	BindTimeout time.Duration

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -37,6 +39,14 @@ type Driver struct {
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
 	helper *kubeletplugin.Helper
+	// health judges the devices; reporter streams its verdicts to the
+	// kubelet.
+	health   *health.Checker
+	reporter *health.Reporter
+	// seen is the last offered decision of each function that is offered
+	// or held by a claim, to publish a device that disappeared while held
+	// as it was. Guarded by claimMu.
+	seen map[pci.Address]inventory.Decision
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
 	// stopBackground ends the goroutines in background (rollback retries,
@@ -59,6 +69,9 @@ type Driver struct {
 	mu sync.Mutex
 	// published is what was last handed to the helper.
 	published *resourceslice.DriverResources
+	// scanned is the inventory of the last scan, for the health checks
+	// between scans.
+	scanned *inventory.Inventory
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
@@ -74,6 +87,9 @@ var _ kubeletplugin.DRAPlugin = &Driver{}
 func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = DefaultHealthInterval
 	}
 	fs, err := pci.NewFS(cfg.SysfsRoot)
 	if err != nil {
@@ -96,11 +112,18 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		fatal:          make(chan error, 1),
 		rollbackFailed: make(chan struct{}, 1),
 		logged:         map[pci.Address]bool{},
+
+		health:   health.NewChecker(fs, health.Options{}),
+		reporter: health.NewReporter(),
+		seen:     map[pci.Address]inventory.Decision{},
 	}
 	if err := d.forgetOtherBoots(ctx); err != nil {
 		return nil, err
 	}
 	if err := d.rollBackUnfinished(ctx); err != nil {
+		return nil, err
+	}
+	if err := d.removeOrphans(ctx); err != nil {
 		return nil, err
 	}
 	d.backgroundCtx, d.stopBackground = context.WithCancel(context.WithoutCancel(ctx))
@@ -119,8 +142,6 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		// container as metadata. KubeVirt's virt-launcher reads only
 		// v1alpha1 (the first object of that version in the stream).
 		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion, metadatav1alpha1.SchemeGroupVersion}),
-		// Per-device health is not reported yet: do not advertise it.
-		kubeletplugin.HealthService(false),
 	)
 	if err != nil {
 		d.stopBackgroundWork()
@@ -166,6 +187,8 @@ func (d *Driver) Wait(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	ticker := time.NewTicker(d.cfg.RescanInterval)
 	defer ticker.Stop()
+	healthTicker := time.NewTicker(d.cfg.HealthInterval)
+	defer healthTicker.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -177,6 +200,10 @@ func (d *Driver) Wait(ctx context.Context) error {
 				// The next scan may succeed; keep publishing what we had.
 				logger.Error(err, "Rescanning PCI devices failed")
 			}
+		case <-healthTicker.C:
+			if err := d.CheckHealth(ctx); err != nil {
+				logger.Error(err, "Checking device health failed")
+			}
 		}
 	}
 }
@@ -185,7 +212,10 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, host, err := d.scan()
+	if err := d.removeOrphans(ctx); err != nil {
+		logger.Error(err, "Removing CDI specs and device metadata that no claim owns")
+	}
+	inv, host, v, err := d.scan(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -208,11 +238,13 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 			logger.Info("PCI device has no IOMMU group, VFIO cannot use it", "pciAddress", dec.Device.Address)
 		}
 	}
-	res := resources.Build(d.cfg.NodeName, inv)
+	d.scanned = inv
+	defer d.report(v)
+	res := v.resources(d.cfg.DriverName, d.cfg.NodeName, false)
 	if resources.HasSharedCounters(res) {
 		d.checkCounters(ctx, d.published == nil)
 		if d.countersDropped.Load() {
-			res = resources.BuildWithoutCounters(d.cfg.NodeName, inv)
+			res = v.resources(d.cfg.DriverName, d.cfg.NodeName, true)
 		}
 	}
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
@@ -283,19 +315,89 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 
 // scan reads the node as it is published: functions that claims moved to
 // vfio are described by their host drivers, and what the host uses is not
-// offered.
-func (d *Driver) scan() (*inventory.Inventory, *inventory.HostUse, error) {
+// offered. It judges their health too.
+func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, *inventory.HostUse, verdict, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, verdict{}, err
 	}
 	host := d.host.Read(hostview.OwnOf(cp))
 	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), host)
-	return inv, host, err
+	if err != nil {
+		return nil, nil, verdict{}, err
+	}
+	return inv, host, d.judge(ctx, inv, cp, true), nil
+}
+
+// metadataDir is where the kubeletplugin helper keeps the KEP-5304
+// metadata files of claims, in the plugin data directory: one directory
+// <namespace>_<name> per claim.
+const metadataDir = "dra-device-metadata"
+
+// removeOrphans removes this driver's CDI specs, the helper's device
+// metadata specs (<driver>_metadata_<uid>_<request>.json) and metadata
+// directories that no checkpointed claim owns: what a reboot left behind
+// (a persistent /var/run/cdi), or an earlier version, or a hand-edited
+// checkpoint. The checkpoint is written before any of them, so a claim
+// being prepared owns its files already.
+func (d *Driver) removeOrphans(ctx context.Context) error {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	// Files first, then the checkpoint: a file listed belongs to a claim
+	// whose entry was written before it, so the entry is seen too.
+	var errs []error
+	entries, err := os.ReadDir(d.cfg.CDIRoot)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	dirs, err := os.ReadDir(filepath.Join(d.cfg.PluginDataDir, metadataDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	cp, err := d.store.Get()
+	if err != nil {
+		return err
+	}
+	names := map[string]bool{}
+	for _, c := range cp.Claims {
+		names[c.Namespace+"_"+c.Name] = true
+	}
+	logger := klog.FromContext(ctx)
+	metadataPrefix := d.cfg.DriverName + "_metadata_"
+	for _, e := range entries {
+		if uid, ok := cdispec.ClaimOfSpecFile(d.cfg.DriverName, e.Name()); ok {
+			if cp.Claims[uid] == nil {
+				logger.Info("Removing a CDI spec that no claim owns", "path", filepath.Join(d.cfg.CDIRoot, e.Name()))
+				errs = append(errs, d.cdi.RemoveClaim(uid))
+			}
+			continue
+		}
+		rest, ok := strings.CutPrefix(e.Name(), metadataPrefix)
+		uid, _, found := strings.Cut(rest, "_")
+		if !ok || !found || !strings.HasSuffix(rest, ".json") || cp.Claims[uid] != nil {
+			continue
+		}
+		path := filepath.Join(d.cfg.CDIRoot, e.Name())
+		logger.Info("Removing a device metadata spec that no claim owns", "path", path)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for _, e := range dirs {
+		if !e.IsDir() || names[e.Name()] {
+			continue
+		}
+		path := filepath.Join(d.cfg.PluginDataDir, metadataDir, e.Name())
+		logger.Info("Removing device metadata that no claim owns", "path", path)
+		if err := os.RemoveAll(path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
@@ -425,9 +527,4 @@ func (d *Driver) retryRollbacksOnce(ctx context.Context) (int, error) {
 		logger.Info("Rolled back an unfinished prepare on retry")
 	}
 	return pending, nil
-}
-
-// WatchHealthStatus is not called: the health service is off (see Start).
-func (d *Driver) WatchHealthStatus(ctx context.Context, reports chan<- kubeletplugin.DeviceHealthReport) error {
-	return kubeletplugin.ErrHealthNotSupported
 }
