@@ -3,7 +3,7 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 BIN ?= $(CURDIR)/bin
 
-.PHONY: all build test test-unit lint vet fmt-check demo e2e test-vm clean image image-push chart-check manifests test-tools
+.PHONY: all build test test-unit lint vet fmt-check demo e2e test-vm bench clean image image-push chart-check manifests test-tools
 
 # The image the chart installs by default: its repository and appVersion.
 CHART := deployments/helm/vfio-dra-driver
@@ -22,6 +22,11 @@ test: lint test-unit test-tools chart-check e2e test-vm
 
 test-unit:
 	$(GO) test -race -count=1 ./...
+
+## bench: benchmarks, each as a ratio against its floor measured in the same
+## process (not part of make test; docs/benchmarks.md records the figures).
+bench:
+	$(GO) test -run '^$$' -bench . -count 1 ./...
 
 vet:
 	$(GO) vet ./...

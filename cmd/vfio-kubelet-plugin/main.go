@@ -27,6 +27,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/healthcheck"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
 
@@ -36,9 +37,15 @@ func main() {
 }
 
 type options struct {
-	kubeconfig      string
-	configFile      string
+	kubeconfig string
+	// The client's rate limits: the kubelet prepares the claims of pods
+	// that start together at once, and each prepare GETs its claim.
+	kubeAPIQPS      float32
+	kubeAPIBurst    int
+	metricsAddress  string
 	healthcheckPort int
+	restConfig      *rest.Config
+	configFile      string
 	cfg             plugin.Config
 	logging         *logsapi.LoggingConfiguration
 }
@@ -60,7 +67,9 @@ func newCommand() (*cobra.Command, *options) {
 			HealthInterval: plugin.DefaultHealthInterval,
 			BindTimeout:    10 * time.Second,
 		},
-		logging: logsapi.NewLoggingConfiguration(),
+		kubeAPIQPS:   50,
+		kubeAPIBurst: 100,
+		logging:      logsapi.NewLoggingConfiguration(),
 	}
 	cmd := &cobra.Command{
 		Use:          "vfio-kubelet-plugin",
@@ -78,6 +87,19 @@ func newCommand() (*cobra.Command, *options) {
 			// the gRPC services down and remove the sockets.
 			ctx, stop := signal.NotifyContext(cmd.Context(), unix.SIGTERM, unix.SIGINT)
 			defer stop()
+			if o.metricsAddress != "" {
+				// Listen here, so that a taken port fails the start.
+				ln, err := net.Listen("tcp", o.metricsAddress)
+				if err != nil {
+					return fmt.Errorf("metrics bind address: %w", err)
+				}
+				o.cfg.Metrics = metrics.New()
+				go func() {
+					if err := o.cfg.Metrics.Serve(ctx, ln); err != nil {
+						klog.FromContext(ctx).Error(err, "Serving metrics failed")
+					}
+				}()
+			}
 			if o.healthcheckPort >= 0 {
 				if err := o.serveHealthchecks(ctx); err != nil {
 					return err
@@ -92,6 +114,9 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "Kubeconfig file; empty uses the in-cluster configuration.")
 	fs.StringVar(&o.cfg.NodeName, "node-name", o.cfg.NodeName, "Name of this node (default from $NODE_NAME).")
 	fs.StringVar(&o.cfg.DriverName, "driver-name", o.cfg.DriverName, "DRA driver name.")
+	fs.Float32Var(&o.kubeAPIQPS, "kube-api-qps", o.kubeAPIQPS, "Queries per second to the API server, on average.")
+	fs.IntVar(&o.kubeAPIBurst, "kube-api-burst", o.kubeAPIBurst, "Queries to the API server in a burst above --kube-api-qps.")
+	fs.StringVar(&o.metricsAddress, "metrics-bind-address", o.metricsAddress, "host:port for /metrics, /healthz and /readyz (e.g. :9400); empty serves none.")
 
 	fs = fss.FlagSet("node")
 	fs.StringVar(&o.cfg.SysfsRoot, "sysfs-root", o.cfg.SysfsRoot, "Where the host's /sys is mounted.")
@@ -166,6 +191,11 @@ func (o *options) complete() error {
 	if err != nil {
 		return fmt.Errorf("client configuration: %w", err)
 	}
+	if o.kubeAPIQPS <= 0 || o.kubeAPIBurst <= 0 {
+		return fmt.Errorf("--kube-api-qps (%v) and --kube-api-burst (%d) must be positive", o.kubeAPIQPS, o.kubeAPIBurst)
+	}
+	restConfig.QPS, restConfig.Burst = o.kubeAPIQPS, o.kubeAPIBurst
+	o.restConfig = restConfig
 	o.cfg.KubeClient, err = kubernetes.NewForConfig(restConfig)
 	return err
 }
