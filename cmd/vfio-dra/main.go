@@ -28,13 +28,15 @@ func newCommand() *cobra.Command {
 func newInspectCommand() *cobra.Command {
 	o := inspect.Options{
 		SysfsRoot:  "/sys",
+		ProcRoot:   "/proc",
 		DriverName: plugin.DefaultDriverName,
 		Output:     inspect.FormatTable,
 	}
 	cmd := &cobra.Command{
 		Use:   "inspect",
 		Short: "Show every PCI function and whether it is offered, or the ResourceSlices the plugin would publish",
-		Long: `inspect reads a sysfs tree the way the kubelet plugin does.
+		Long: `inspect reads a sysfs tree and the host's /proc the way the kubelet plugin
+does.
 
 With -o table it lists every PCI function with its IOMMU group (and the
 group's size), its driver and the decision: offered, or why not.
@@ -48,6 +50,7 @@ accepts.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.SysfsRoot, "sysfs-root", o.SysfsRoot, "Root of the sysfs tree to read.")
+	f.StringVar(&o.ProcRoot, "proc-root", o.ProcRoot, "Where the host's /proc is: what the host uses (mounts, swap, routes, processes holding VFIO devices) is read there and never offered; the checkpoint's boot ID is compared with this boot's.")
 	f.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of the node the slices are for (required).")
 	f.StringVar(&o.DriverName, "driver-name", o.DriverName, "DRA driver name.")
 	f.StringVar(&o.ConfigFile, "config", o.ConfigFile, "DriverConfiguration file that filters the offered devices.")

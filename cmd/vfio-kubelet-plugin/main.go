@@ -50,6 +50,8 @@ func newCommand() (*cobra.Command, *options) {
 			ProcRoot:       "/proc",
 			ModulesAlias:   modulesAlias(),
 			RescanInterval: time.Minute,
+			HealthInterval: plugin.DefaultHealthInterval,
+			BindTimeout:    10 * time.Second,
 		},
 		logging: logsapi.NewLoggingConfiguration(),
 	}
@@ -86,10 +88,12 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.cfg.CDIRoot, "cdi-root", o.cfg.CDIRoot, "Directory for CDI spec files.")
 	fs.StringVar(&o.cfg.PluginDataDir, "plugin-data-dir", "", "Directory for dra.sock and the checkpoint (default /var/lib/kubelet/plugins/<driver-name>).")
 	fs.StringVar(&o.cfg.RegistrarDir, "registrar-dir", o.cfg.RegistrarDir, "The kubelet's plugin registration directory.")
-	fs.StringVar(&o.cfg.ProcRoot, "proc-root", o.cfg.ProcRoot, "Where the host's /proc is mounted; its boot ID tells whether checkpointed claims are from this boot.")
+	fs.StringVar(&o.cfg.ProcRoot, "proc-root", o.cfg.ProcRoot, "Where the host's /proc is (hostPID, or the host's /proc mounted): its boot ID tells whether checkpointed claims are from this boot, and what the host uses (mounts, swap, routes, processes holding VFIO devices) is read there and never offered.")
 	fs.StringVar(&o.cfg.ModulesAlias, "modules-alias", o.cfg.ModulesAlias, "The kernel's modules.alias, to find vfio variant drivers for driver \"auto\"; empty disables \"auto\".")
 	fs.StringVar(&o.configFile, "config", "", "DriverConfiguration file that filters the offered devices.")
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
+	fs.DurationVar(&o.cfg.HealthInterval, "health-interval", o.cfg.HealthInterval, "How often to check device health cheaply (device and driver links, AER counters) and report it to the kubelet; config space and reset methods are checked at each rescan.")
+	fs.DurationVar(&o.cfg.BindTimeout, "bind-timeout", o.cfg.BindTimeout, "Bound of each step of binding and giving back a function: one sysfs write, or the wait for its effect (driver link, VFIO device node).")
 
 	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
 	for _, f := range fss.FlagSets {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The kernel emulator and the fixture builder are for tests: the plugin
@@ -40,11 +41,14 @@ current-context: x
 	}
 
 	cmd, o := newCommand()
-	if err := cmd.ParseFlags([]string{"--kubeconfig", kubeconfig, "--node-name", "n1", "--driver-name", "gpu.example.com"}); err != nil {
+	if err := cmd.ParseFlags([]string{"--kubeconfig", kubeconfig, "--node-name", "n1", "--driver-name", "gpu.example.com", "--bind-timeout", "3s"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := o.complete(); err != nil {
 		t.Fatal(err)
+	}
+	if o.cfg.BindTimeout != 3*time.Second {
+		t.Errorf("bind timeout = %v, want the flag's 3s", o.cfg.BindTimeout)
 	}
 	if o.cfg.PluginDataDir != "/var/lib/kubelet/plugins/gpu.example.com" {
 		t.Errorf("plugin data dir = %q, want it derived from the driver name", o.cfg.PluginDataDir)

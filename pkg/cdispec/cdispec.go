@@ -47,6 +47,18 @@ func SpecFileName(driverName, claimUID string) string {
 	return cdi.GenerateTransientSpecName(Vendor(driverName), Class, claimUID) + ".json"
 }
 
+// ClaimOfSpecFile returns the claim UID of a file name that SpecFileName
+// made for driverName, and false for any other name.
+func ClaimOfSpecFile(driverName, name string) (string, bool) {
+	prefix := strings.TrimSuffix(SpecFileName(driverName, ""), ".json")
+	uid, ok := strings.CutPrefix(name, prefix)
+	if !ok {
+		return "", false
+	}
+	uid, ok = strings.CutSuffix(uid, ".json")
+	return uid, ok && validUID(uid) == nil
+}
+
 // EnvName returns the variable name for a per-request list: the prefix, "_",
 // and the request name upper-cased with every character other than an ASCII
 // letter or digit replaced by "_".
@@ -265,6 +277,10 @@ func deviceNodes(devRoot string, hostPaths []string) ([]*specs.DeviceNode, error
 		nodes = append(nodes, &specs.DeviceNode{
 			Path:     path.Join(containerDevRoot, filepath.ToSlash(rel)),
 			HostPath: host,
+			// Read and write are all a VFIO user needs; without "m" the
+			// container cannot mknod more nodes of the same number. The
+			// runtime creates the node before the cgroup rule applies.
+			Permissions: "rw",
 		})
 	}
 	return nodes, nil

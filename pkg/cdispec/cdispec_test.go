@@ -126,19 +126,19 @@ func TestSpecContent(t *testing.T) {
 				"VFIO_PCI_ADDRESSES_ACCEL=0000:81:00.0",
 				"VFIO_PCI_ADDRESSES_NIC=0000:3b:00.0",
 			},
-			DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/vfio", HostPath: "/host/dev/vfio/vfio"}},
+			DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/vfio", HostPath: "/host/dev/vfio/vfio", Permissions: "rw"}},
 		},
 		Devices: []specs.Device{
 			{
 				Name: uidA + "-pci-0000-3b-00-0",
 				ContainerEdits: specs.ContainerEdits{
-					DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/42", HostPath: "/host/dev/vfio/42"}},
+					DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/42", HostPath: "/host/dev/vfio/42", Permissions: "rw"}},
 				},
 			},
 			{
 				Name: uidA + "-pci-0000-81-00-0",
 				ContainerEdits: specs.ContainerEdits{
-					DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/7", HostPath: "/host/dev/vfio/7"}},
+					DeviceNodes: []*specs.DeviceNode{{Path: "/dev/vfio/7", HostPath: "/host/dev/vfio/7", Permissions: "rw"}},
 				},
 			},
 		},
@@ -287,10 +287,14 @@ func TestWriteAndInject(t *testing.T) {
 				t.Errorf("OCI device nodes (-want +got):\n%s", diff)
 			}
 
-			// The runtime must also allow the cgroup access to every node.
+			// The runtime must also allow the cgroup access to every node:
+			// read and write, not mknod.
 			allowed := map[[2]int64]bool{}
 			for _, r := range ociSpec.Linux.Resources.Devices {
-				if r.Allow && r.Type == "c" && r.Major != nil && r.Minor != nil && r.Access == "rwm" {
+				if r.Allow && r.Type == "c" && r.Major != nil && r.Minor != nil {
+					if r.Access != "rw" {
+						t.Errorf("cgroup rule for %d:%d allows %q, want rw", *r.Major, *r.Minor, r.Access)
+					}
 					allowed[[2]int64{*r.Major, *r.Minor}] = true
 				}
 			}

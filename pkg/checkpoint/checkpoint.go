@@ -20,6 +20,8 @@ import (
 	"maps"
 	"slices"
 	"strings"
+
+	resourceapi "k8s.io/api/resource/v1"
 )
 
 // APIVersion and Kind identify the on-disk format this package reads and
@@ -63,6 +65,9 @@ type Claim struct {
 	Groups []Group `json:"groups,omitempty"`
 	// CDISpec is the name of the CDI spec file written for the claim.
 	CDISpec string `json:"cdiSpec,omitempty"`
+	// LastError is why the last attempt to give the claim's groups back
+	// failed; the entry stays, and keeps its groups, until one succeeds.
+	LastError string `json:"lastError,omitempty"`
 }
 
 // Device is one allocated device as returned to the kubelet.
@@ -73,6 +78,10 @@ type Device struct {
 	PCIAddress   string   `json:"pciAddress"`
 	IOMMUGroup   int      `json:"iommuGroup"`
 	CDIDeviceIDs []string `json:"cdiDeviceIDs"`
+	// Attributes are the device's published attributes at prepare time,
+	// handed to the container as KEP-5304 metadata. A restarted plugin
+	// returns the same metadata even if a rescan would now differ.
+	Attributes map[resourceapi.QualifiedName]resourceapi.DeviceAttribute `json:"attributes,omitempty"`
 }
 
 // Group is one IOMMU group whose members the driver bound to Target.

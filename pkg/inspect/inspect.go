@@ -7,16 +7,21 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"slices"
+	"strings"
 	"text/tabwriter"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -31,7 +36,12 @@ const (
 
 // Options selects what to inspect and how to print it.
 type Options struct {
-	SysfsRoot  string
+	SysfsRoot string
+	// ProcRoot is where the host's /proc is: what the host uses (mounts,
+	// routes, processes holding VFIO devices) is read there, as the
+	// plugin reads it, and the checkpoint's boot ID is compared with the
+	// one there ("" skips the comparison).
+	ProcRoot   string
 	NodeName   string
 	DriverName string
 	// ConfigFile is a DriverConfiguration file; "" means none.
@@ -49,6 +59,10 @@ func Run(out, errOut io.Writer, o Options) error {
 	if o.NodeName == "" {
 		return fmt.Errorf("a node name is required")
 	}
+	// The API would refuse slices for it: a node name is a DNS subdomain.
+	if errs := validation.IsDNS1123Subdomain(o.NodeName); len(errs) > 0 {
+		return fmt.Errorf("node name %q is not a valid node name: %s", o.NodeName, strings.Join(errs, "; "))
+	}
 	switch o.Output {
 	case FormatTable, FormatJSON, FormatYAML:
 	default:
@@ -65,18 +79,25 @@ func Run(out, errOut io.Writer, o Options) error {
 	if err != nil {
 		return err
 	}
-	var hostDrivers map[string]string
+	cp := &checkpoint.Checkpoint{}
 	if o.CheckpointFile != "" {
 		if _, err := os.Stat(o.CheckpointFile); err != nil {
 			return fmt.Errorf("checkpoint: %w", err)
 		}
-		cp, err := checkpoint.NewStore(o.CheckpointFile).Get()
-		if err != nil {
+		if cp, err = checkpoint.NewStore(o.CheckpointFile).Get(); err != nil {
 			return err
 		}
-		hostDrivers = cp.HostDrivers()
+		if otherBoot(errOut, cp, o.ProcRoot) {
+			// The plugin forgets these claims at its next start: a
+			// reboot reset every binding they describe.
+			cp = &checkpoint.Checkpoint{}
+		}
 	}
-	inv, err := inventory.Scan(fs, cfg, hostDrivers)
+	host := hostview.New(o.SysfsRoot, o.ProcRoot).Read(hostview.OwnOf(cp))
+	if host.Unavailable != "" {
+		fmt.Fprintf(errOut, "warning: the host view cannot be read, storage and network controllers are not offered: %s\n", host.Unavailable)
+	}
+	inv, err := inventory.Scan(fs, cfg, cp.HostDrivers(), host)
 	if err != nil {
 		return err
 	}
@@ -84,8 +105,12 @@ func Run(out, errOut io.Writer, o Options) error {
 		fmt.Fprintf(errOut, "warning: skipped: %v\n", p)
 	}
 	if o.Output == FormatTable {
-		return printTable(out, inv)
+		if err := printTable(out, inv); err != nil {
+			return err
+		}
+		return printClaims(out, cp)
 	}
+	warnHeld(errOut, cp)
 	list, err := SliceList(o.DriverName, o.NodeName, inv)
 	if err != nil {
 		return err
@@ -139,8 +164,79 @@ func printTable(out io.Writer, inv *inventory.Inventory) error {
 		if d.Offered {
 			name, decision = p.Address.DeviceName(), "offered"
 		}
+		for _, n := range d.Notes {
+			decision += " (note: " + n + ")"
+		}
 		fmt.Fprintf(w, "%s\t%04x:%04x\t%06x\t%s\t%s\t%s\t%s\t%s\n",
 			p.Address, p.VendorID, p.DeviceID, p.Class, group, driver, numa, name, decision)
 	}
 	return w.Flush()
+}
+
+// otherBoot reports whether the checkpoint was written in another boot
+// than the one procRoot shows, and says so on errOut.
+func otherBoot(errOut io.Writer, cp *checkpoint.Checkpoint, procRoot string) bool {
+	if procRoot == "" || cp.BootID == "" {
+		return false
+	}
+	now, err := checkpoint.ReadBootID(procRoot)
+	if err != nil {
+		fmt.Fprintf(errOut, "warning: cannot compare the checkpoint's boot ID: %v\n", err)
+		return false
+	}
+	if now == cp.BootID {
+		return false
+	}
+	fmt.Fprintf(errOut, "warning: the checkpoint is from another boot (boot ID %s, this boot %s): the plugin forgets its %d claims at its next start; functions are shown as they are\n",
+		cp.BootID, now, len(cp.Claims))
+	return true
+}
+
+// claimStatus says what a checkpointed claim means for the node.
+func claimStatus(c *checkpoint.Claim) string {
+	switch {
+	case c.State == checkpoint.PrepareCompleted && c.LastError == "":
+		return "prepared"
+	case c.State == checkpoint.PrepareCompleted:
+		return "prepared, unprepare failed (the kubelet retries): " + c.LastError
+	case c.LastError != "":
+		return "held: prepare did not finish and giving its groups back failed (retried in the background): " + c.LastError
+	default:
+		return "prepare in progress, or cut short (rolled back at the plugin's next start)"
+	}
+}
+
+func claimGroups(c *checkpoint.Claim) string {
+	var groups []string
+	for _, g := range c.Groups {
+		groups = append(groups, fmt.Sprint(g.Number))
+	}
+	if len(groups) == 0 {
+		return "-"
+	}
+	return strings.Join(groups, ",")
+}
+
+// printClaims lists the checkpointed claims after the table.
+func printClaims(out io.Writer, cp *checkpoint.Checkpoint) error {
+	if len(cp.Claims) == 0 {
+		return nil
+	}
+	w := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(w, "\nCLAIM\tUID\tIOMMU GROUPS\tSTATUS")
+	for _, uid := range slices.Sorted(maps.Keys(cp.Claims)) {
+		c := cp.Claims[uid]
+		fmt.Fprintf(w, "%s/%s\t%s\t%s\t%s\n", c.Namespace, c.Name, uid, claimGroups(c), claimStatus(c))
+	}
+	return w.Flush()
+}
+
+// warnHeld reports, beside a slice list, the claims whose groups are held
+// because giving them back failed.
+func warnHeld(errOut io.Writer, cp *checkpoint.Checkpoint) {
+	for _, uid := range slices.Sorted(maps.Keys(cp.Claims)) {
+		if c := cp.Claims[uid]; c.LastError != "" {
+			fmt.Fprintf(errOut, "warning: ResourceClaim %s/%s (%s), IOMMU groups %s: %s\n", c.Namespace, c.Name, uid, claimGroups(c), claimStatus(c))
+		}
+	}
 }

@@ -13,21 +13,32 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
 
+// server lays out pcitest.Server in <dir>/sys and its host view in
+// <dir>/proc, and returns the sysfs root.
 func server(t *testing.T) string {
 	t.Helper()
-	root := t.TempDir()
+	dir := t.TempDir()
+	root := filepath.Join(dir, "sys")
 	if _, err := pcitest.NewServer(root); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hostviewtest.Server(root, filepath.Join(dir, "proc")); err != nil {
 		t.Fatal(err)
 	}
 	return root
 }
 
+// run runs inspect; without a proc root, the one beside the sysfs root.
 func run(t *testing.T, o inspect.Options) (string, string, error) {
 	t.Helper()
+	if o.ProcRoot == "" {
+		o.ProcRoot = filepath.Join(filepath.Dir(o.SysfsRoot), "proc")
+	}
 	var out, errOut bytes.Buffer
 	err := inspect.Run(&out, &errOut, o)
 	return out.String(), errOut.String(), err
@@ -117,10 +128,13 @@ func TestErrors(t *testing.T) {
 		o    inspect.Options
 		want []string
 	}{
-		"unknown format":   {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "xml"}, []string{`"xml"`}},
-		"no node":          {inspect.Options{SysfsRoot: root, Output: "table"}, []string{"node name"}},
-		"missing sysfs":    {inspect.Options{SysfsRoot: filepath.Join(root, "nope"), NodeName: "n", Output: "table"}, []string{"nope"}},
-		"malformed config": {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "table", ConfigFile: bad}, []string{bad, "allow[0].vendor"}},
+		"unknown format":            {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "xml"}, []string{`"xml"`}},
+		"no node":                   {inspect.Options{SysfsRoot: root, Output: "table"}, []string{"node name"}},
+		"node name with upper case": {inspect.Options{SysfsRoot: root, NodeName: "Worker-1", Output: "table"}, []string{`node name "Worker-1" is not a valid node name`, "lower case"}},
+		"node name with a slash":    {inspect.Options{SysfsRoot: root, NodeName: "../etc", Output: "table"}, []string{`"../etc" is not a valid node name`}},
+		"node name too long":        {inspect.Options{SysfsRoot: root, NodeName: strings.Repeat("a", 254), Output: "json"}, []string{"not a valid node name", "253"}},
+		"missing sysfs":             {inspect.Options{SysfsRoot: filepath.Join(root, "nope"), NodeName: "n", Output: "table"}, []string{"nope"}},
+		"malformed config":          {inspect.Options{SysfsRoot: root, NodeName: "n", Output: "table", ConfigFile: bad}, []string{bad, "allow[0].vendor"}},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -153,6 +167,27 @@ func TestUnreadableDeviceIsReported(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "0000:82:00.0") || strings.Contains(out, "0000:82:00.0") {
 		t.Errorf("want the unreadable device on stderr only; stdout:\n%s\nstderr:\n%s", out, errOut)
+	}
+}
+
+// TestUnreadableConfigIsNoted: a function whose config cannot be read is
+// still decided, by its class, and the table says so.
+func TestUnreadableConfigIsNoted(t *testing.T) {
+	root := server(t)
+	dir, err := pcitest.Open(root).DevicePath("0000:84:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, dir, "config"), []byte{0xee, 0x10}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(t, inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "pci-0000-84-00-0  offered (note: header type unknown, the class decided whether it is a bridge: " + filepath.Join(root, dir, "config") + ": 2 bytes, too short"
+	if !strings.Contains(out, want) {
+		t.Errorf("table lacks %q:\n%s", want, out)
 	}
 }
 
@@ -200,5 +235,123 @@ func TestCheckpointHostDrivers(t *testing.T) {
 	o.CheckpointFile = filepath.Join(t.TempDir(), "missing.json")
 	if _, _, err := run(t, o); err == nil {
 		t.Error("a missing checkpoint file was accepted")
+	}
+}
+
+// TestCheckpointClaims: the checkpoint's claims are listed, a claim whose
+// groups are held because giving them back failed shows why, and a
+// checkpoint from another boot is said to be so and not applied.
+func TestCheckpointClaims(t *testing.T) {
+	root := server(t)
+	proc := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(proc, "sys/kernel/random"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cpFile := filepath.Join(t.TempDir(), "checkpoint.json")
+	write := func(bootID string) {
+		t.Helper()
+		if err := checkpoint.NewStore(cpFile).Update(func(cp *checkpoint.Checkpoint) error {
+			cp.BootID = bootID
+			cp.Claims["uid-held"] = &checkpoint.Claim{Namespace: "ns", Name: "crashed", State: checkpoint.PrepareStarted,
+				LastError: "IOMMU group 2: 0000:01:00.0: check driver: nvidia: driver not loaded",
+				Groups: []checkpoint.Group{{Number: 2, Target: "vfio-pci", Restore: true,
+					Members: []checkpoint.Member{{Address: "0000:01:00.0", Driver: "nvidia"}}}}}
+			cp.Claims["uid-ok"] = &checkpoint.Claim{Namespace: "ns", Name: "nic", State: checkpoint.PrepareCompleted,
+				Groups: []checkpoint.Group{{Number: 25, Target: "vfio-pci", Restore: true,
+					Members: []checkpoint.Member{{Address: "0000:82:00.0", Driver: "nfp"}}}}}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("boot-1")
+	o := inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable, CheckpointFile: cpFile, ProcRoot: proc}
+	out, errOut, err := run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"ns/crashed  uid-held  2             held: prepare did not finish and giving its groups back failed",
+		"nvidia: driver not loaded",
+		"ns/nic      uid-ok    25            prepared",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(errOut, "another boot") || strings.Contains(errOut, "ResourceClaim") {
+		t.Errorf("warnings for a checkpoint of this boot in table output: %s", errOut)
+	}
+	o.Output = inspect.FormatJSON
+	if _, errOut, err = run(t, o); err != nil || !strings.Contains(errOut, "ResourceClaim ns/crashed (uid-held), IOMMU groups 2: held") || strings.Contains(errOut, "ns/nic") {
+		t.Errorf("JSON output: err %v, want only the held claim warned about on stderr: %s", err, errOut)
+	}
+
+	write("boot-0")
+	o.Output = inspect.FormatTable
+	out, errOut, err = run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(errOut, "from another boot (boot ID boot-0, this boot boot-1)") {
+		t.Errorf("no warning about the other boot: %q", errOut)
+	}
+	if strings.Contains(out, "uid-held") {
+		t.Errorf("claims of another boot are listed as current:\n%s", out)
+	}
+}
+
+// TestRunningHost shows, function by function, what the host uses and why
+// it is not offered.
+func TestRunningHost(t *testing.T) {
+	dir := t.TempDir()
+	tree, h, err := hostviewtest.RunningHost(filepath.Join(dir, "sys"), filepath.Join(dir, "proc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err := run(t, inspect.Options{SysfsRoot: tree.Root, ProcRoot: h.Proc, NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if errOut != "" {
+		t.Errorf("warnings: %s", errOut)
+	}
+	for addr, want := range map[string]string{
+		hostviewtest.RootNVMe:    "not offered: in use: / (vg0-root on nvme0n1p3)",
+		hostviewtest.MgmtNIC:     "not offered: in use: default route (eno1)",
+		hostviewtest.MgmtNICMate: "not offered: IOMMU group 3: member " + hostviewtest.MgmtNIC + " is not offered (in use: default route (eno1))",
+		hostviewtest.VMGPU:       "not offered: in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/60",
+		hostviewtest.UART:        "not offered: in use: serial console ttyS4",
+		hostviewtest.FreeVFIO:    "offered",
+		hostviewtest.FreeNVMe:    "offered",
+		// Its container is another user without the plugin's checkpoint.
+		hostviewtest.OwnNIC: "not offered: in use: held by pid 5000 (dpdk-testpmd) through /dev/vfio/63",
+	} {
+		line := ""
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, addr) {
+				line = l
+			}
+		}
+		if !strings.HasSuffix(line, want) {
+			t.Errorf("%s: line %q, want it to end in %q", addr, line, want)
+		}
+	}
+}
+
+func TestHostViewUnavailable(t *testing.T) {
+	root := server(t)
+	out, errOut, err := run(t, inspect.Options{SysfsRoot: root, ProcRoot: filepath.Join(t.TempDir(), "empty"), NodeName: "n", Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(errOut, "warning: the host view cannot be read") || !strings.Contains(errOut, "mountinfo") {
+		t.Errorf("warnings %q do not say the host view is unavailable", errOut)
+	}
+	if !strings.Contains(out, "0000:82:00.0") || !strings.Contains(out, "host view unavailable") {
+		t.Errorf("the SmartNIC's decision does not name the host view:\n%s", out)
 	}
 }

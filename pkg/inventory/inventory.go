@@ -23,6 +23,9 @@ type Decision struct {
 	// GroupMembers are all functions of the function's IOMMU group as the
 	// kernel lists them, bridges included; nil without a group.
 	GroupMembers []pci.Address
+	// Notes say which rules could not look at the function because a file
+	// they need could not be read, and that the class decided instead.
+	Notes []string
 }
 
 // Inventory is the verdict on every PCI function of a node.
@@ -32,6 +35,15 @@ type Inventory struct {
 	// Problems lists functions and groups that could not be read; their
 	// devices are not offered.
 	Problems []error
+}
+
+// HostUse is what the host itself is using, as package hostview reads it.
+type HostUse struct {
+	// InUse maps a function the host is using to the evidence, e.g.
+	// "/ (vg0-root on nvme0n1p3)" or "default route (eno1)".
+	InUse map[pci.Address]string
+	// Unavailable says why the host view could not be read; "" when it was read.
+	Unavailable string
 }
 
 // Offered returns the offered functions, sorted by address.
@@ -51,8 +63,9 @@ func (inv *Inventory) Offered() []Decision {
 // for a claim, the host driver they go back to: that is the driver they
 // are described and selected by, so that preparing a claim does not change
 // what is published.
-// hostDrivers is keyed by PCI address ("0000:3b:00.0").
-func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string) (*Inventory, error) {
+// hostDrivers is keyed by PCI address ("0000:3b:00.0"). host is what the
+// host itself uses; nil means it is not known (see Decide).
+func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string, host *HostUse) (*Inventory, error) {
 	devices, problems, err := fs.Scan()
 	if err != nil {
 		return nil, err
@@ -77,14 +90,18 @@ func Scan(fs *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]
 		}
 		groups[*d.IOMMUGroup] = members
 	}
-	inv := Decide(devices, groups, cfg)
+	inv := Decide(devices, groups, cfg, host)
 	inv.Problems = append(problems, inv.Problems...)
 	return inv, nil
 }
 
 // Decide applies the rules to devices, whose IOMMU groups list their
-// members in groups. It does no I/O.
-func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.DriverConfiguration) *Inventory {
+// members in groups. It does no I/O. A function the host uses is never
+// offered, nor any function of its group, whatever cfg says. When host is
+// nil or could not be read, storage and network controllers are not
+// offered either: one of them may hold the root file system or the node's
+// network, and nothing tells which.
+func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.DriverConfiguration, host *HostUse) *Inventory {
 	byAddr := make(map[pci.Address]*pci.Device, len(devices))
 	for _, d := range devices {
 		byAddr[d.Address] = d
@@ -94,10 +111,10 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 	// member takes every endpoint of its group away from the host.
 	own := make(map[pci.Address]string, len(devices))
 	for _, d := range devices {
-		own[d.Address] = ownReason(d, cfg)
+		own[d.Address] = ownReason(d, cfg, host)
 	}
 	for _, d := range devices {
-		dec := Decision{Device: d, Reason: own[d.Address]}
+		dec := Decision{Device: d, Reason: own[d.Address], Notes: notes(d)}
 		if d.IOMMUGroup != nil {
 			members, ok := groups[*d.IOMMUGroup]
 			if !ok && dec.Reason == "" {
@@ -105,7 +122,7 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 			}
 			dec.GroupMembers = members
 			if dec.Reason == "" {
-				dec.Reason = groupReason(d, members, byAddr, own)
+				dec.Reason = groupReason(d, members, byAddr, own, host)
 			}
 		}
 		dec.Offered = dec.Reason == ""
@@ -114,17 +131,26 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 	return inv
 }
 
-// ownReason applies the rules that look at one function alone.
-func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration) string {
+// ownReason applies the rules that look at one function alone. Each
+// reason starts with the rule that decided.
+func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration, host *HostUse) string {
+	if r := hostReason(d, host); r != "" {
+		return r
+	}
 	switch {
 	case d.IsBridge():
-		return fmt.Sprintf("bridge (class %06x)", d.Class)
+		return bridgeReason(d)
+	case d.IsChipsetBridge():
+		return fmt.Sprintf("chipset: %s (class %06x) stays with the host", chipsetBridges[d.Class>>8], d.Class)
 	case d.IOMMUGroup == nil:
 		return "no IOMMU group: VFIO cannot use it (is the IOMMU enabled?)"
 	case d.BootVGA:
 		return "boot VGA device: the host console"
 	case d.SRIOVNumVFs > 0:
 		return fmt.Sprintf("SR-IOV physical function with %d VFs enabled: unbinding it would remove them", d.SRIOVNumVFs)
+	}
+	if r := platformReason(d); r != "" && !exactlyAllowed(d, cfg) {
+		return r
 	}
 	if cfg == nil {
 		return ""
@@ -140,9 +166,127 @@ func ownReason(d *pci.Device, cfg *v1alpha1.DriverConfiguration) string {
 	return ""
 }
 
+var chipsetBridges = map[uint32]string{0x0600: "host bridge", 0x0601: "ISA bridge", 0x0602: "EISA bridge", 0x0603: "MCA bridge"}
+
+// bridgeReason names what makes d a bridge: its header type, or its class
+// when config could not be read.
+func bridgeReason(d *pci.Device) string {
+	if d.HeaderType == nil {
+		return fmt.Sprintf("bridge: class %06x (header type unknown, %s)", d.Class, d.ConfigProblem)
+	}
+	if *d.HeaderType == pci.HeaderCardBus {
+		return "bridge: CardBus (header type 2)"
+	}
+	return "bridge: PCI-to-PCI (header type 1)"
+}
+
+// Classes (base class and sub-class) of the platform's own functions.
+var platformClasses = map[uint32]string{
+	0x0800: "interrupt controller",
+	0x0801: "DMA controller",
+	0x0802: "timer",
+	0x0803: "real-time clock",
+	0x0804: "PCI hot-plug controller",
+	0x0806: "IOMMU",
+	0x0807: "root complex event collector",
+	0x0c05: "SMBus controller",
+	0x1101: "performance counters",
+}
+
+// Host drivers of the platform's own functions, whatever their class.
+var platformDrivers = map[string]string{
+	"pcieport":          "PCIe port services",
+	"i801_smbus":        "SMBus controller",
+	"ismt_smbus":        "SMBus controller",
+	"mei_me":            "management engine",
+	"intel-lpss":        "LPSS serial controller (I2C, SPI, UART of the SoC)",
+	"intel-spi":         "firmware flash controller",
+	"intel_pch_thermal": "platform thermal",
+	"proc_thermal_pci":  "processor thermal",
+	"proc_thermal":      "processor thermal",
+	"intel_vsec":        "platform telemetry",
+}
+
+// platformReason names the built-in rule that keeps one of the platform's
+// own functions with the host; "" when none applies. Only an allow entry
+// naming the function's exact address overrides it (exactlyAllowed).
+func platformReason(d *pci.Device) string {
+	sub := d.Class >> 8
+	if what, ok := platformClasses[sub]; ok {
+		return fmt.Sprintf("platform: %s (class %06x)", what, d.Class)
+	}
+	if what, ok := platformDrivers[d.Driver]; ok {
+		return fmt.Sprintf("platform: %s (%s)", what, d.Driver)
+	}
+	switch {
+	case d.Class>>16 == 0x05:
+		return fmt.Sprintf("platform: memory controller (class %06x)", d.Class)
+	case strings.HasSuffix(d.Driver, "_edac"):
+		return fmt.Sprintf("platform: memory error reporting (%s)", d.Driver)
+	case sub == 0x0780 && d.Parent == nil:
+		return fmt.Sprintf("platform: management engine (class %06x on a root bus)", d.Class)
+	case d.BARs != nil && *d.BARs == 0:
+		return "platform: no memory or I/O BAR in resource, nothing to pass through (registers in config space only, like CPU uncore functions)"
+	}
+	return ""
+}
+
+// exactlyAllowed reports whether an allow entry names d by its exact
+// address: the only way to hand out a platform function.
+func exactlyAllowed(d *pci.Device, cfg *v1alpha1.DriverConfiguration) bool {
+	return cfg != nil && slices.ContainsFunc(cfg.Allow, func(s v1alpha1.DeviceSelector) bool {
+		return s.PCIAddress == d.Address.String() && Matches(s, d)
+	})
+}
+
+// notes says which files could not be read and what decided instead.
+func notes(d *pci.Device) []string {
+	var out []string
+	if d.ConfigProblem != "" {
+		out = append(out, "header type unknown, the class decided whether it is a bridge: "+d.ConfigProblem)
+	}
+	if d.ResourceProblem != "" {
+		out = append(out, "BARs unknown, the class decided without the BAR rule: "+d.ResourceProblem)
+	}
+	return out
+}
+
+// hostReason keeps what the host uses with the host; it comes before the
+// configuration, so that no allow entry can take it.
+func hostReason(d *pci.Device, host *HostUse) string {
+	if host != nil {
+		// What was seen is evidence even when another part of the
+		// view could not be read.
+		if evidence, ok := host.inUse(d.Address); ok {
+			return "in use: " + evidence
+		}
+		if host.Unavailable == "" {
+			return ""
+		}
+	}
+	switch d.Class >> 16 {
+	case 0x01, 0x02:
+	default:
+		return ""
+	}
+	why := "not read"
+	if host != nil {
+		why = host.Unavailable
+	}
+	return fmt.Sprintf("host view unavailable (%s): storage and network controllers stay with the host", why)
+}
+
+func (h *HostUse) inUse(a pci.Address) (string, bool) {
+	if h == nil {
+		return "", false
+	}
+	evidence, ok := h.InUse[a]
+	return evidence, ok
+}
+
 // groupReason refuses a function whose IOMMU group has an endpoint that may
 // not be taken from the host.
-func groupReason(d *pci.Device, members []pci.Address, byAddr map[pci.Address]*pci.Device, own map[pci.Address]string) string {
+func groupReason(d *pci.Device, members []pci.Address, byAddr map[pci.Address]*pci.Device, own map[pci.Address]string, host *HostUse) string {
 	for _, m := range members {
 		if m == d.Address {
 			continue
@@ -151,7 +295,7 @@ func groupReason(d *pci.Device, members []pci.Address, byAddr map[pci.Address]*p
 		if !ok {
 			return fmt.Sprintf("IOMMU group %d: member %s could not be read", *d.IOMMUGroup, m)
 		}
-		if other.IsPassiveBridge() {
+		if _, inUse := host.inUse(m); other.IsPassiveBridge() && !inUse {
 			continue
 		}
 		if r := own[m]; r != "" {

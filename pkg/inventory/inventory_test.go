@@ -15,6 +15,11 @@ import (
 
 func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inventory {
 	t.Helper()
+	return scanServerHost(t, cfg, &inventory.HostUse{})
+}
+
+func scanServerHost(t *testing.T, cfg *v1alpha1.DriverConfiguration, host *inventory.HostUse) *inventory.Inventory {
+	t.Helper()
 	root := t.TempDir()
 	if _, err := pcitest.NewServer(root); err != nil {
 		t.Fatal(err)
@@ -23,7 +28,7 @@ func scanServer(t *testing.T, cfg *v1alpha1.DriverConfiguration) *inventory.Inve
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, cfg, nil)
+	inv, err := inventory.Scan(fs, cfg, nil, host)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,11 +78,11 @@ func TestDecide(t *testing.T) {
 			wantReasons: map[string]string{
 				// The ISA bridge (no passive bridge) moves with the group
 				// and may not: the chipset group stays with the host.
-				"0000:00:1f.2": "IOMMU group 4: member 0000:00:1f.0 is not offered (bridge (class 060100))",
-				"0000:00:1f.4": "IOMMU group 4: member 0000:00:1f.0 is not offered",
-				"0000:00:00.0": "bridge",
-				"0000:00:1e.0": "bridge",
-				"0000:00:1f.0": "bridge",
+				"0000:00:1f.2": "IOMMU group 4: member 0000:00:1f.0 is not offered (chipset: ISA bridge (class 060100) stays with the host)",
+				"0000:00:1f.4": "platform: SMBus controller (class 0c0500)",
+				"0000:00:00.0": "chipset: host bridge (class 060000) stays with the host",
+				"0000:00:1e.0": "bridge: PCI-to-PCI (header type 1)",
+				"0000:00:1f.0": "chipset: ISA bridge",
 				"0000:00:02.0": "boot VGA",
 				"0000:00:14.0": "no IOMMU group",
 				"0000:81:00.0": "2 VFs enabled",
@@ -146,13 +151,86 @@ func TestDecideUnreadableGroupMember(t *testing.T) {
 	b, _ := pci.ParseAddress("0000:01:00.1")
 	group := 7
 	devices := []*pci.Device{{Address: a, Class: 0x020000, IOMMUGroup: &group, NUMANode: -1}}
-	inv := inventory.Decide(devices, map[int][]pci.Address{7: {a, b}}, nil)
+	inv := inventory.Decide(devices, map[int][]pci.Address{7: {a, b}}, nil, &inventory.HostUse{})
 	if inv.Decisions[0].Offered || !strings.Contains(inv.Decisions[0].Reason, "0000:01:00.1 could not be read") {
 		t.Errorf("decision = %+v, want not offered because the member could not be read", inv.Decisions[0])
 	}
-	inv = inventory.Decide(devices, map[int][]pci.Address{}, nil)
+	inv = inventory.Decide(devices, map[int][]pci.Address{}, nil, &inventory.HostUse{})
 	if inv.Decisions[0].Offered {
 		t.Error("offered a device whose group could not be listed")
+	}
+}
+
+// TestDecideHostUse: what the host uses is never offered, whatever the
+// configuration, and takes its IOMMU group with it; without a host view
+// storage and network controllers stay with the host.
+func TestDecideHostUse(t *testing.T) {
+	addr := func(s string) pci.Address {
+		a, err := pci.ParseAddress(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	inUse := &inventory.HostUse{InUse: map[pci.Address]string{
+		addr("0000:83:00.0"): "/ (vg0-root on nvme0n1p3)",
+		addr("0000:02:01.0"): "default route (eno1)",
+	}}
+	tests := map[string]struct {
+		host        *inventory.HostUse
+		cfg         *v1alpha1.DriverConfiguration
+		wantOffered []string
+		wantReasons map[string]string // exact
+	}{
+		"in use, and its group-mate behind the conventional bridge": {
+			host:        inUse,
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:03:00.0", "0000:03:00.1", "0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "in use: / (vg0-root on nvme0n1p3)",
+				"0000:02:01.0": "in use: default route (eno1)",
+				"0000:02:02.0": "IOMMU group 5: member 0000:02:01.0 is not offered (in use: default route (eno1))",
+			},
+		},
+		"an exact-address allow does not hand out what the host uses": {
+			host: inUse,
+			cfg: &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{
+				{PCIAddress: "0000:83:00.0"}, {PCIAddress: "0000:02:02.0"}, {PCIAddress: "0000:82:00.0"},
+			}},
+			wantOffered: []string{"0000:82:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "in use: / (vg0-root on nvme0n1p3)",
+				"0000:02:02.0": "IOMMU group 5: member 0000:02:01.0 is not offered (in use: default route (eno1))",
+			},
+		},
+		"host view unavailable": {
+			host:        &inventory.HostUse{Unavailable: "open /proc/1/mountinfo: permission denied"},
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:83:00.0": "host view unavailable (open /proc/1/mountinfo: permission denied): storage and network controllers stay with the host",
+				"0000:82:00.0": "host view unavailable (open /proc/1/mountinfo: permission denied): storage and network controllers stay with the host",
+			},
+		},
+		"no host view": {
+			host:        nil,
+			wantOffered: []string{"0000:01:00.0", "0000:01:00.1", "0000:84:00.0"},
+			wantReasons: map[string]string{
+				"0000:03:00.0": "host view unavailable (not read): storage and network controllers stay with the host",
+			},
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			inv := scanServerHost(t, tc.cfg, tc.host)
+			if diff := cmp.Diff(tc.wantOffered, offered(inv)); diff != "" {
+				t.Errorf("offered (-want +got):\n%s", diff)
+			}
+			got := reasons(inv)
+			for a, want := range tc.wantReasons {
+				if got[a] != want {
+					t.Errorf("reason for %s = %q, want %q", a, got[a], want)
+				}
+			}
+		})
 	}
 }
 
@@ -175,5 +253,111 @@ func TestMatches(t *testing.T) {
 		if got := inventory.Matches(tc.sel, d); got != tc.want {
 			t.Errorf("Matches(%+v) = %v, want %v", tc.sel, got, tc.want)
 		}
+	}
+}
+
+// TestDecideHardwareRules: what the hardware is decides, from config and
+// resource, and when they cannot be read the class does and a note says so.
+func TestDecideHardwareRules(t *testing.T) {
+	endpoint, bridge := pci.HeaderEndpoint, pci.HeaderBridge
+	none, one := 0, 1
+	tests := map[string]struct {
+		dev        pci.Device
+		cfg        *v1alpha1.DriverConfiguration
+		wantReason string
+		wantNotes  int
+	}{
+		"NVSwitch: class 0680, header type 0, an endpoint": {
+			dev: pci.Device{Class: 0x068000, Driver: "nvidia", HeaderType: &endpoint, BARs: &one},
+		},
+		"class 0880 with header type 1 forwards": {
+			dev:        pci.Device{Class: 0x088000, Driver: "pcieport", HeaderType: &bridge, BARs: &none},
+			wantReason: "bridge: PCI-to-PCI (header type 1)",
+		},
+		"PCI bridge whose config cannot be read: the class decides": {
+			dev:        pci.Device{Class: 0x060400, ConfigProblem: "config: 3 bytes, too short", BARs: &none},
+			wantReason: "bridge: class 060400 (header type unknown, config: 3 bytes, too short)",
+			wantNotes:  1,
+		},
+		"other bridge whose config cannot be read: an endpoint": {
+			dev:       pci.Device{Class: 0x068000, ConfigProblem: "config: no such file", BARs: &one},
+			wantNotes: 1,
+		},
+		"uncore function: no BAR": {
+			dev:        pci.Device{Class: 0x088000, HeaderType: &endpoint, BARs: &none},
+			wantReason: "platform: no memory or I/O BAR in resource, nothing to pass through (registers in config space only, like CPU uncore functions)",
+		},
+		"uncore function whose resource cannot be read: the class decides": {
+			dev:       pci.Device{Class: 0x088000, HeaderType: &endpoint, ResourceProblem: "resource: line 2: odd"},
+			wantNotes: 1,
+		},
+		"no BAR, handed out by its exact address": {
+			dev: pci.Device{Class: 0x088000, HeaderType: &endpoint, BARs: &none},
+			cfg: &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{{PCIAddress: "0000:00:05.0"}}},
+		},
+		"no BAR, an exact address that another field rules out": {
+			dev:        pci.Device{Class: 0x088000, HeaderType: &endpoint, BARs: &none},
+			cfg:        &v1alpha1.DriverConfiguration{Allow: []v1alpha1.DeviceSelector{{PCIAddress: "0000:00:05.0", VendorID: "10de"}}},
+			wantReason: "platform: no memory or I/O BAR",
+		},
+		"exact address, but denied": {
+			dev: pci.Device{Class: 0x0c0500, HeaderType: &endpoint, BARs: &one},
+			cfg: &v1alpha1.DriverConfiguration{
+				Allow: []v1alpha1.DeviceSelector{{PCIAddress: "0000:00:05.0"}},
+				Deny:  []v1alpha1.DeviceSelector{{Class: "0c"}},
+			},
+			wantReason: "denied by configuration (deny[0])",
+		},
+		"EDAC driver":                 {dev: pci.Device{Class: 0x088000, Driver: "pnd2_edac", HeaderType: &endpoint, BARs: &one}, wantReason: "platform: memory error reporting (pnd2_edac)"},
+		"performance counters":        {dev: pci.Device{Class: 0x110100, HeaderType: &endpoint, BARs: &one}, wantReason: "platform: performance counters (class 110100)"},
+		"IOMMU":                       {dev: pci.Device{Class: 0x080600, HeaderType: &endpoint, BARs: &one}, wantReason: "platform: IOMMU (class 080600)"},
+		"processor thermal":           {dev: pci.Device{Class: 0x118000, Driver: "proc_thermal_pci", HeaderType: &endpoint, BARs: &one}, wantReason: "platform: processor thermal (proc_thermal_pci)"},
+		"telemetry":                   {dev: pci.Device{Class: 0x118000, Driver: "intel_vsec", HeaderType: &endpoint, BARs: &one}, wantReason: "platform: platform telemetry (intel_vsec)"},
+		"management engine on mei_me": {dev: pci.Device{Class: 0x078000, Driver: "mei_me", HeaderType: &endpoint, BARs: &one}, wantReason: "platform: management engine (mei_me)"},
+		"pcieport, not a bridge":      {dev: pci.Device{Class: 0x088000, Driver: "pcieport", HeaderType: &endpoint, BARs: &one}, wantReason: "platform: PCIe port services (pcieport)"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			a, _ := pci.ParseAddress("0000:00:05.0")
+			group := 3
+			d := tc.dev
+			d.Address, d.IOMMUGroup, d.NUMANode = a, &group, -1
+			inv := inventory.Decide([]*pci.Device{&d}, map[int][]pci.Address{3: {a}}, tc.cfg, &inventory.HostUse{})
+			got := inv.Decisions[0]
+			if !strings.HasPrefix(got.Reason, tc.wantReason) || (tc.wantReason == "") != got.Offered {
+				t.Errorf("decision %v %q, want reason %q", got.Offered, got.Reason, tc.wantReason)
+			}
+			if len(got.Notes) != tc.wantNotes {
+				t.Errorf("notes %q, want %d", got.Notes, tc.wantNotes)
+			}
+		})
+	}
+}
+
+// TestDecidePlatformGroup: a group holding a platform function stays with
+// the host, a passive root port does not keep it.
+func TestDecidePlatformGroup(t *testing.T) {
+	endpoint, bridge, one := pci.HeaderEndpoint, pci.HeaderBridge, 1
+	addr := func(s string) pci.Address { a, _ := pci.ParseAddress(s); return a }
+	g := 9
+	port := &pci.Device{Address: addr("0000:00:1c.0"), Class: 0x060400, Driver: "pcieport", HeaderType: &bridge, IOMMUGroup: &g}
+	usb := &pci.Device{Address: addr("0000:00:14.0"), Class: 0x0c0330, Driver: "xhci_hcd", HeaderType: &endpoint, BARs: &one, IOMMUGroup: &g}
+	nic := &pci.Device{Address: addr("0000:01:00.0"), Parent: &port.Address, Class: 0x020000, Driver: "igb", HeaderType: &endpoint, BARs: &one, IOMMUGroup: &g}
+	thermal := &pci.Device{Address: addr("0000:00:14.2"), Class: 0x118000, Driver: "intel_pch_thermal", HeaderType: &endpoint, BARs: &one, IOMMUGroup: &g}
+	members := []pci.Address{port.Address, usb.Address, thermal.Address, nic.Address}
+
+	inv := inventory.Decide([]*pci.Device{port, usb, thermal, nic}, map[int][]pci.Address{9: members}, nil, &inventory.HostUse{})
+	want := "IOMMU group 9: member 0000:00:14.2 is not offered (platform: platform thermal (intel_pch_thermal))"
+	for _, d := range inv.Decisions {
+		if d.Device == usb || d.Device == nic {
+			if d.Reason != want {
+				t.Errorf("%s: %q, want %q", d.Device.Address, d.Reason, want)
+			}
+		}
+	}
+	// Without the thermal function the root port stays behind.
+	inv = inventory.Decide([]*pci.Device{port, usb, nic}, map[int][]pci.Address{9: {port.Address, usb.Address, nic.Address}}, nil, &inventory.HostUse{})
+	if got := offered(inv); !cmp.Equal(got, []string{"0000:00:14.0", "0000:01:00.0"}) {
+		t.Errorf("offered %v, want the USB controller and the NIC", got)
 	}
 }

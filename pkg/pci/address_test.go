@@ -59,25 +59,34 @@ func TestDeviceNameRoundTrip(t *testing.T) {
 }
 
 func TestIsPassiveBridge(t *testing.T) {
+	endpoint, bridge, cardbus := HeaderEndpoint, HeaderBridge, HeaderCardBus
 	tests := []struct {
 		class  uint32
+		header *int // nil: config unreadable
 		driver string
 		want   bool
 	}{
-		{0x060000, "", true},         // host bridge
-		{0x060400, "pcieport", true}, // root port
-		{0x060401, "", true},         // subtractive-decode PCI bridge
-		{0x060400, "pci-stub", true}, //
-		{0x060400, "shpchp", false},  // a hotplug driver owns it
-		{0x060100, "lpc_ich", false}, // ISA bridge with its host driver
-		{0x060100, "", false},        // ISA bridge: moves with the group
-		{0x068000, "", false},        // other bridge
-		{0x020000, "", false},        // not a bridge
+		{0x060000, &endpoint, "", true},            // host bridge
+		{0x060000, &endpoint, "skl_uncore", false}, // host bridge with a perf driver
+		{0x060400, &bridge, "pcieport", true},      // root port
+		{0x060401, &bridge, "", true},              // subtractive-decode PCI bridge
+		{0x060400, &bridge, "pci-stub", true},      //
+		{0x060400, &bridge, "shpchp", false},       // a hotplug driver owns it
+		{0x060400, nil, "pcieport", true},          // config unreadable: the class decides
+		{0x060900, nil, "", true},                  // semi-transparent bridge, config unreadable
+		{0x060700, &cardbus, "", true},             // CardBus bridge without its driver
+		{0x060700, &cardbus, "yenta_cardbus", false},
+		{0x060100, &endpoint, "lpc_ich", false}, // ISA bridge with its host driver
+		{0x060100, &endpoint, "", false},        // ISA bridge: moves with the group
+		{0x068000, &endpoint, "", false},        // NVSwitch: an endpoint whatever the class
+		{0x068000, nil, "", false},              // other bridge, config unreadable
+		{0x088000, &bridge, "pcieport", true},   // forwards: the header type decides
+		{0x020000, &endpoint, "", false},        // not a bridge
 	}
 	for _, tc := range tests {
-		d := &Device{Class: tc.class, Driver: tc.driver}
+		d := &Device{Class: tc.class, Driver: tc.driver, HeaderType: tc.header}
 		if got := d.IsPassiveBridge(); got != tc.want {
-			t.Errorf("IsPassiveBridge(class %06x, driver %q) = %v, want %v", tc.class, tc.driver, got, tc.want)
+			t.Errorf("IsPassiveBridge(class %06x, header %v, driver %q) = %v, want %v", tc.class, tc.header, tc.driver, got, tc.want)
 		}
 	}
 }

@@ -92,21 +92,45 @@ type Device struct {
 	SRIOVNumVFs   int
 	// VirtFns lists the enabled virtual functions of a PF (virtfnN links).
 	VirtFns []Address
+	// HeaderType is from byte 0x0e of config: HeaderEndpoint,
+	// HeaderBridge or HeaderCardBus; nil when config could not be read,
+	// and then ConfigProblem says why.
+	HeaderType    *int
+	ConfigProblem string
+	// BARs counts the memory and I/O BARs listed in resource; nil when
+	// resource could not be read, and then ResourceProblem says why.
+	BARs            *int
+	ResourceProblem string
 }
 
-// IsBridge reports whether the function is a bridge of any kind (class 06):
-// host, ISA, PCI-to-PCI, CardBus and so on.
-func (d *Device) IsBridge() bool { return d.Class>>16 == 0x06 }
+// IsBridge reports whether the function forwards to a bus below it: a
+// PCI-to-PCI (header type 1) or CardBus (type 2) bridge. The header type
+// decides, not the class: an NVSwitch (class 0680, type 0) is an endpoint.
+// Only when config could not be read does the class decide (0604 PCI-to-PCI,
+// 0609 semi-transparent).
+func (d *Device) IsBridge() bool {
+	if d.HeaderType == nil {
+		return d.Class>>8 == 0x0604 || d.Class>>8 == 0x0609
+	}
+	return *d.HeaderType == HeaderBridge || *d.HeaderType == HeaderCardBus
+}
 
-// IsPassiveBridge reports whether the function is a host or PCI-to-PCI
-// bridge that no host driver uses for DMA (no driver, pcieport or
-// pci-stub). Such a bridge stays where it is when its IOMMU group is given
-// to VFIO; the kernel still lets userspace use the group. Any other member
-// of a group, an ISA bridge on lpc_ich included, must move with the group.
+// IsChipsetBridge reports whether the function is a host, ISA, EISA or MCA
+// bridge (class 0600-0603) that does not forward to a bus of its own: part
+// of the chipset, which stays with the host.
+func (d *Device) IsChipsetBridge() bool {
+	return !d.IsBridge() && d.Class>>8 >= 0x0600 && d.Class>>8 <= 0x0603
+}
+
+// IsPassiveBridge reports whether the function is a host bridge or a
+// forwarding bridge that no host driver uses for DMA (no driver, pcieport
+// or pci-stub). Such a bridge stays where it is when its IOMMU group is
+// given to VFIO; the kernel still lets userspace use the group. Any other
+// member of a group, an ISA bridge on lpc_ich included, must move with the
+// group.
 func (d *Device) IsPassiveBridge() bool {
-	switch d.Class >> 8 {
-	case 0x0600, 0x0604:
-	default:
+	hostBridge := d.IsChipsetBridge() && d.Class>>8 == 0x0600
+	if !d.IsBridge() && !hostBridge {
 		return false
 	}
 	switch d.Driver {
@@ -269,6 +293,19 @@ func (f *FS) read(d *Device) error {
 		d.VirtFns = append(d.VirtFns, a)
 	}
 	slices.SortFunc(d.VirtFns, Address.Compare)
+
+	// A function whose config or resource cannot be read is still listed:
+	// the rules that need them say so and fall back to the class.
+	if h, err := readHeaderType(dir); err != nil {
+		d.ConfigProblem = err.Error()
+	} else {
+		d.HeaderType = &h
+	}
+	if n, err := readBARs(dir); err != nil {
+		d.ResourceProblem = err.Error()
+	} else {
+		d.BARs = &n
+	}
 	return nil
 }
 

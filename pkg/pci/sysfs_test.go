@@ -60,38 +60,44 @@ func TestScanServer(t *testing.T) {
 			Address: mustAddr(t, "0000:01:00.0"), Path: "devices/pci0000:00/0000:00:01.0/0000:01:00.0",
 			VendorID: 0x10de, DeviceID: 0x2204, SubsystemVendorID: 0x10de, SubsystemDeviceID: 0x1454, Class: 0x030000,
 			Driver: "nvidia", IOMMUGroup: ptr.To(2), NUMANode: 0, PCIeRoot: "pci0000:00", Parent: addrPtr(t, "0000:00:01.0"),
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:00:02.0": {
 			Address: mustAddr(t, "0000:00:02.0"), Path: "devices/pci0000:00/0000:00:02.0",
 			VendorID: 0x1a03, DeviceID: 0x2000, SubsystemVendorID: 0x15d9, SubsystemDeviceID: 0x095d, Class: 0x030000,
 			Driver: "ast", IOMMUGroup: ptr.To(3), NUMANode: 0, PCIeRoot: "pci0000:00", BootVGA: true,
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:00:14.0": {
 			Address: mustAddr(t, "0000:00:14.0"), Path: "devices/pci0000:00/0000:00:14.0",
 			VendorID: 0x8086, DeviceID: 0xa1af, SubsystemVendorID: 0x15d9, SubsystemDeviceID: 0x095d, Class: 0x0c0330,
 			Driver: "xhci_hcd", NUMANode: -1, PCIeRoot: "pci0000:00",
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:02:02.0": {
 			Address: mustAddr(t, "0000:02:02.0"), Path: "devices/pci0000:00/0000:00:1e.0/0000:02:02.0",
 			VendorID: 0x8086, DeviceID: 0x1076, SubsystemVendorID: 0x8086, SubsystemDeviceID: 0x1076, Class: 0x020000,
 			Driver: "e1000", IOMMUGroup: ptr.To(5), NUMANode: 0, PCIeRoot: "pci0000:00", Parent: addrPtr(t, "0000:00:1e.0"),
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:81:00.0": {
 			Address: mustAddr(t, "0000:81:00.0"), Path: "devices/pci0000:80/0000:80:01.0/0000:81:00.0",
 			VendorID: 0x15b3, DeviceID: 0x1017, SubsystemVendorID: 0x15b3, SubsystemDeviceID: 0x0007, Class: 0x020000,
 			Driver: "mlx5_core", IOMMUGroup: ptr.To(21), NUMANode: 1, PCIeRoot: "pci0000:80", Parent: addrPtr(t, "0000:80:01.0"),
 			SRIOVTotalVFs: 8, SRIOVNumVFs: 2, VirtFns: []pci.Address{mustAddr(t, "0000:81:00.2"), mustAddr(t, "0000:81:00.3")},
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:81:00.3": {
 			Address: mustAddr(t, "0000:81:00.3"), Path: "devices/pci0000:80/0000:80:01.0/0000:81:00.3",
 			VendorID: 0x15b3, DeviceID: 0x1018, SubsystemVendorID: 0x15b3, SubsystemDeviceID: 0x0007, Class: 0x020000,
 			Driver: "vfio-pci", IOMMUGroup: ptr.To(23), NUMANode: 1, PCIeRoot: "pci0000:80", Parent: addrPtr(t, "0000:80:01.0"),
-			PhysFn: addrPtr(t, "0000:81:00.0"),
+			PhysFn: addrPtr(t, "0000:81:00.0"), HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 		"0000:84:00.0": {
 			Address: mustAddr(t, "0000:84:00.0"), Path: "devices/pci0000:80/0000:80:02.0/0000:84:00.0",
 			VendorID: 0x10ee, DeviceID: 0x903f, SubsystemVendorID: 0x10ee, SubsystemDeviceID: 0x0007, Class: 0x120000,
 			IOMMUGroup: ptr.To(27), NUMANode: 1, PCIeRoot: "pci0000:80", Parent: addrPtr(t, "0000:80:02.0"),
+			HeaderType: ptr.To(0), BARs: ptr.To(1),
 		},
 	}
 	for addr, w := range want {
@@ -99,8 +105,17 @@ func TestScanServer(t *testing.T) {
 			t.Errorf("device %s (-want +got):\n%s", addr, diff)
 		}
 	}
-	if !byAddr["0000:00:1e.0"].IsBridge() || !byAddr["0000:00:00.0"].IsBridge() || byAddr["0000:01:00.0"].IsBridge() {
+	if !byAddr["0000:00:1e.0"].IsBridge() || byAddr["0000:00:00.0"].IsBridge() || byAddr["0000:01:00.0"].IsBridge() {
 		t.Error("IsBridge wrong for the PCI bridge, the host bridge or the GPU")
+	}
+	if !byAddr["0000:00:00.0"].IsChipsetBridge() || !byAddr["0000:00:1f.0"].IsChipsetBridge() || byAddr["0000:00:1e.0"].IsChipsetBridge() {
+		t.Error("IsChipsetBridge wrong for the host bridge, the ISA bridge or the PCI bridge")
+	}
+	if h := byAddr["0000:00:1e.0"].HeaderType; h == nil || *h != pci.HeaderBridge {
+		t.Errorf("PCI bridge header type = %v, want 1", h)
+	}
+	if n := byAddr["0000:00:00.0"].BARs; n == nil || *n != 0 {
+		t.Errorf("host bridge BARs = %v, want 0", n)
 	}
 
 	members, err := fs.IOMMUGroupMembers(5)
@@ -146,6 +161,84 @@ func TestScanOddFiles(t *testing.T) {
 		"vendor with trailing spaces": {
 			damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "0x10de \n") },
 			check:  func(t *testing.T, d *pci.Device) { wantInt(t, "VendorID", int(d.VendorID), 0x10de) },
+		},
+		"config truncated": {
+			damage: func(t *testing.T, _, dir string) { write(t, dir, "config", "\xde\x10\x04\x22\x07\x00") },
+			check:  wantConfigProblem("6 bytes, too short"),
+		},
+		"config missing": {
+			damage: func(t *testing.T, _, dir string) { remove(t, dir, "config") },
+			check:  wantConfigProblem("no such file"),
+		},
+		"config of a function that does not answer": {
+			damage: func(t *testing.T, _, dir string) { write(t, dir, "config", strings.Repeat("\xff", 64)) },
+			check:  wantConfigProblem("vendor ID reads 0xffff"),
+		},
+		"config with an unknown header type": {
+			damage: func(t *testing.T, _, dir string) {
+				cfg := []byte(strings.Repeat("\x00", 64))
+				cfg[0], cfg[0x0e] = 0x86, 0xff
+				write(t, dir, "config", string(cfg))
+			},
+			check: wantConfigProblem("unknown header type 0x7f"),
+		},
+		"config of 64 bytes, as an unprivileged reader sees it": {
+			damage: func(t *testing.T, _, dir string) {
+				cfg, err := os.ReadFile(filepath.Join(dir, "config"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				write(t, dir, "config", string(cfg[:64]))
+			},
+			check: func(t *testing.T, d *pci.Device) {
+				if d.HeaderType == nil || *d.HeaderType != pci.HeaderEndpoint || d.ConfigProblem != "" {
+					t.Errorf("header type %v, problem %q; want 0 and none", d.HeaderType, d.ConfigProblem)
+				}
+			},
+		},
+		"resource line with two columns": {
+			damage: func(t *testing.T, _, dir string) {
+				write(t, dir, "resource", "0x00000000c0000000 0x00000000c0003fff\n")
+			},
+			check: wantResourceProblem("line 1: \"0x00000000c0000000 0x00000000c0003fff\" is not 3 hex columns"),
+		},
+		"resource line that is not hex": {
+			damage: func(t *testing.T, _, dir string) {
+				write(t, dir, "resource", strings.Repeat("0x0000000000000000 0x0000000000000000 0x0000000000000000\n", 3)+"0x0 0xzz 0x200\n")
+			},
+			check: wantResourceProblem("line 4: \"0xzz\""),
+		},
+		"resource empty": {
+			damage: func(t *testing.T, _, dir string) { write(t, dir, "resource", "") },
+			check:  wantResourceProblem("0 lines, fewer than the 6 standard BARs"),
+		},
+		"resource missing": {
+			damage: func(t *testing.T, _, dir string) { remove(t, dir, "resource") },
+			check:  wantResourceProblem("no such file"),
+		},
+		"resource of an old kernel: 7 lines, an I/O and a 64-bit memory BAR": {
+			damage: func(t *testing.T, _, dir string) {
+				write(t, dir, "resource", "0x0000000000002000 0x000000000000201f 0x0000000000040101\n"+
+					"0x0000380000000000 0x00003800000fffff 0x000000000014220c\n"+
+					strings.Repeat("0x0000000000000000 0x0000000000000000 0x0000000000000000\n", 5))
+			},
+			check: func(t *testing.T, d *pci.Device) {
+				if d.BARs == nil || *d.BARs != 2 {
+					t.Errorf("BARs = %v (%s), want 2", d.BARs, d.ResourceProblem)
+				}
+			},
+		},
+		"resource with the ROM only": {
+			damage: func(t *testing.T, _, dir string) {
+				write(t, dir, "resource", strings.Repeat("0x0000000000000000 0x0000000000000000 0x0000000000000000\n", 6)+
+					"0x00000000c0100000 0x00000000c01fffff 0x0000000000046200\n"+
+					strings.Repeat("0x0000000000000000 0x0000000000000000 0x0000000000000000\n", 6))
+			},
+			check: func(t *testing.T, d *pci.Device) {
+				if d.BARs == nil || *d.BARs != 0 {
+					t.Errorf("BARs = %v (%s), want 0", d.BARs, d.ResourceProblem)
+				}
+			},
 		},
 		"vendor garbage":    {damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "zz\n") }, wantProblem: "vendor"},
 		"vendor too wide":   {damage: func(t *testing.T, _, dir string) { write(t, dir, "vendor", "0x10de0\n") }, wantProblem: "16-bit"},
@@ -247,6 +340,27 @@ func TestNewFSRejectsFile(t *testing.T) {
 	}
 	if _, err := pci.NewFS(filepath.Join(f, "missing")); err == nil {
 		t.Error("NewFS on a missing path succeeded")
+	}
+}
+
+func wantConfigProblem(want string) func(t *testing.T, d *pci.Device) {
+	return func(t *testing.T, d *pci.Device) {
+		t.Helper()
+		if d.HeaderType != nil || !strings.Contains(d.ConfigProblem, want) || !strings.Contains(d.ConfigProblem, "config") {
+			t.Errorf("header type %v, config problem %q; want none and a problem containing %q", d.HeaderType, d.ConfigProblem, want)
+		}
+		if d.IsBridge() {
+			t.Error("a VGA-class function without a readable config is taken for a bridge")
+		}
+	}
+}
+
+func wantResourceProblem(want string) func(t *testing.T, d *pci.Device) {
+	return func(t *testing.T, d *pci.Device) {
+		t.Helper()
+		if d.BARs != nil || !strings.Contains(d.ResourceProblem, want) || !strings.Contains(d.ResourceProblem, "resource") {
+			t.Errorf("BARs %v, resource problem %q; want none and a problem containing %q", d.BARs, d.ResourceProblem, want)
+		}
 	}
 }
 

@@ -39,7 +39,8 @@ type Config struct {
 	// RegistrarDir is the kubelet's plugin registration directory.
 	RegistrarDir string
 	// ProcRoot is where the plugin sees the host's /proc; the boot ID there
-	// tells whether the checkpoint is from this boot.
+	// tells whether the checkpoint is from this boot, and the host view
+	// (package hostview) is read there.
 	ProcRoot string
 	// ModulesAlias is the kernel's modules.alias file, for finding vfio
 	// variant drivers (VfioConfig driver "auto"); "" disables "auto".
@@ -53,10 +54,21 @@ type Config struct {
 	// published again when the result changed.
 	RescanInterval time.Duration
 
+	// HealthInterval is how often the cheap device health checks run
+	// (device and driver links, AER counters); config space and reset
+	// methods are read at each rescan. Zero selects DefaultHealthInterval.
+	HealthInterval time.Duration
+
 	// SysfsWriter writes the sysfs driver files (driver_override, unbind,
 	// drivers_probe); nil writes the files under SysfsRoot directly
 	// (vfio.OSWriter). Tests put a kernel emulator here.
 	SysfsWriter vfio.Writer
+	// WriteHook, when set, is called before and after each checkpoint and
+	// CDI spec write of prepare and unprepare with one of the Event*
+	// constants; an error stops the write (before) or fails the step
+	// (after). Tests stop the plugin at every such point with it, as a
+	// crash would; nil in production.
+	WriteHook func(event string) error
 	// BindTimeout bounds each wait for sysfs or /dev to show the effect of
 	// a write; zero selects the vfio package's default.
 	BindTimeout time.Duration
@@ -79,6 +91,9 @@ func (c *Config) Validate() error {
 		if v == "" {
 			errs = append(errs, fmt.Errorf("%s is required", name))
 		}
+	}
+	if c.BindTimeout < 0 {
+		errs = append(errs, fmt.Errorf("bind timeout %v must not be negative", c.BindTimeout))
 	}
 	if c.RescanInterval <= 0 {
 		errs = append(errs, fmt.Errorf("rescan interval %v must be positive", c.RescanInterval))

@@ -7,11 +7,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	metadatav1alpha1 "k8s.io/dynamic-resource-allocation/api/metadata/v1alpha1"
 	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
@@ -19,6 +22,8 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
@@ -29,12 +34,33 @@ import (
 type Driver struct {
 	cfg    Config
 	fs     *pci.FS
+	host   *hostview.Reader
 	binder *vfio.Binder
 	store  *checkpoint.Store
 	cdi    *cdispec.Writer
 	helper *kubeletplugin.Helper
+	// health judges the devices; reporter streams its verdicts to the
+	// kubelet.
+	health   *health.Checker
+	reporter *health.Reporter
+	// seen is the last offered decision of each function that is offered
+	// or held by a claim, to publish a device that disappeared while held
+	// as it was. Guarded by claimMu.
+	seen map[pci.Address]inventory.Decision
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
+	// stopBackground ends the goroutines in background (rollback retries,
+	// republishing), which Stop waits for.
+	stopBackground context.CancelFunc
+	background     sync.WaitGroup
+	// rollbackFailed wakes the retry loop of failed rollbacks.
+	rollbackFailed chan struct{}
+	// countersDropped is set while the API server does not keep shared
+	// counters (DRAPartitionableDevices off): then only devices whose
+	// IOMMU group has no other offered member are published.
+	countersDropped atomic.Bool
+	// backgroundCtx is the context of the background work.
+	backgroundCtx context.Context
 
 	// claimMu serializes prepare and unprepare. The helper does that too,
 	// but the checkpoint's consistency must not depend on an option.
@@ -43,9 +69,15 @@ type Driver struct {
 	mu sync.Mutex
 	// published is what was last handed to the helper.
 	published *resourceslice.DriverResources
+	// scanned is the inventory of the last scan, for the health checks
+	// between scans.
+	scanned *inventory.Inventory
 	// logged remembers which functions without an IOMMU group were
 	// reported, so that each is said once, not on every rescan.
 	logged map[pci.Address]bool
+	// hostUnavailable is why the host view could not be read at the last
+	// scan, so that a change is logged once.
+	hostUnavailable string
 }
 
 var _ kubeletplugin.DRAPlugin = &Driver{}
@@ -55,6 +87,9 @@ var _ kubeletplugin.DRAPlugin = &Driver{}
 func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	if cfg.HealthInterval <= 0 {
+		cfg.HealthInterval = DefaultHealthInterval
 	}
 	fs, err := pci.NewFS(cfg.SysfsRoot)
 	if err != nil {
@@ -68,13 +103,19 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{
-		cfg:    cfg,
-		fs:     fs,
-		binder: vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
-		store:  checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
-		cdi:    cdi,
-		fatal:  make(chan error, 1),
-		logged: map[pci.Address]bool{},
+		cfg:            cfg,
+		fs:             fs,
+		host:           hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
+		binder:         vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
+		store:          checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
+		cdi:            cdi,
+		fatal:          make(chan error, 1),
+		rollbackFailed: make(chan struct{}, 1),
+		logged:         map[pci.Address]bool{},
+
+		health:   health.NewChecker(fs, health.Options{}),
+		reporter: health.NewReporter(),
+		seen:     map[pci.Address]inventory.Decision{},
 	}
 	if err := d.forgetOtherBoots(ctx); err != nil {
 		return nil, err
@@ -82,6 +123,11 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := d.rollBackUnfinished(ctx); err != nil {
 		return nil, err
 	}
+	if err := d.removeOrphans(ctx); err != nil {
+		return nil, err
+	}
+	d.backgroundCtx, d.stopBackground = context.WithCancel(context.WithoutCancel(ctx))
+	d.background.Go(func() { d.retryRollbacks(d.backgroundCtx) })
 	if !fs.DriverLoaded("vfio-pci") {
 		klog.FromContext(ctx).Info("Warning: the vfio-pci driver is not loaded; preparing claims fails until it is (modprobe vfio-pci)")
 	}
@@ -92,13 +138,13 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		kubeletplugin.RegistrarDirectoryPath(cfg.RegistrarDir),
 		kubeletplugin.PluginDataDirectoryPath(cfg.PluginDataDir),
 		kubeletplugin.CDIDirectory(cfg.CDIRoot),
-		// KEP-5304: the pciBusID and IOMMU group of each device reach the
-		// container as metadata, which KubeVirt reads.
-		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion}),
-		// Per-device health is not reported yet: do not advertise it.
-		kubeletplugin.HealthService(false),
+		// KEP-5304: every published attribute of each device reaches the
+		// container as metadata. KubeVirt's virt-launcher reads only
+		// v1alpha1 (the first object of that version in the stream).
+		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion, metadatav1alpha1.SchemeGroupVersion}),
 	)
 	if err != nil {
+		d.stopBackgroundWork()
 		return nil, fmt.Errorf("start kubelet plugin: %w", err)
 	}
 	if _, err := d.Resync(ctx); err != nil {
@@ -108,9 +154,18 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	return d, nil
 }
 
-// Stop shuts the gRPC services down. Published slices stay: the plugin
-// comes back with the same devices after a restart.
-func (d *Driver) Stop() { d.helper.Stop() }
+// Stop shuts the gRPC services down and ends the background work.
+// Published slices stay: the plugin comes back with the same devices after
+// a restart.
+func (d *Driver) Stop() {
+	d.helper.Stop()
+	d.stopBackgroundWork()
+}
+
+func (d *Driver) stopBackgroundWork() {
+	d.stopBackground()
+	d.background.Wait()
+}
 
 // Run starts the plugin and blocks until ctx is done or a fatal error
 // happens in the background.
@@ -132,6 +187,8 @@ func (d *Driver) Wait(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
 	ticker := time.NewTicker(d.cfg.RescanInterval)
 	defer ticker.Stop()
+	healthTicker := time.NewTicker(d.cfg.HealthInterval)
+	defer healthTicker.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -143,6 +200,10 @@ func (d *Driver) Wait(ctx context.Context) error {
 				// The next scan may succeed; keep publishing what we had.
 				logger.Error(err, "Rescanning PCI devices failed")
 			}
+		case <-healthTicker.C:
+			if err := d.CheckHealth(ctx); err != nil {
+				logger.Error(err, "Checking device health failed")
+			}
 		}
 	}
 }
@@ -151,12 +212,23 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
-	inv, err := d.scan()
+	if err := d.removeOrphans(ctx); err != nil {
+		logger.Error(err, "Removing CDI specs and device metadata that no claim owns")
+	}
+	inv, host, v, err := d.scan(ctx)
 	if err != nil {
 		return false, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if host.Unavailable != d.hostUnavailable {
+		if host.Unavailable != "" {
+			logger.Info("Warning: the host view cannot be read, storage and network controllers are not offered", "reason", host.Unavailable)
+		} else {
+			logger.Info("The host view can be read again")
+		}
+		d.hostUnavailable = host.Unavailable
+	}
 	for _, p := range inv.Problems {
 		logger.Error(p, "Skipping PCI device that cannot be read")
 	}
@@ -166,7 +238,15 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 			logger.Info("PCI device has no IOMMU group, VFIO cannot use it", "pciAddress", dec.Device.Address)
 		}
 	}
-	res := resources.Build(d.cfg.NodeName, inv)
+	d.scanned = inv
+	defer d.report(v)
+	res := v.resources(d.cfg.DriverName, d.cfg.NodeName, false)
+	if resources.HasSharedCounters(res) {
+		d.checkCounters(ctx, d.published == nil)
+		if d.countersDropped.Load() {
+			res = v.resources(d.cfg.DriverName, d.cfg.NodeName, true)
+		}
+	}
 	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
 		return false, nil
 	}
@@ -174,20 +254,56 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("publish ResourceSlices: %w", err)
 	}
 	d.published = &res
-	logger.Info("Published devices", "offered", len(inv.Offered()), "functions", len(inv.Decisions))
+	logger.Info("Published devices", "offered", len(inv.Offered()), "functions", len(inv.Decisions), "withoutCounters", d.countersDropped.Load())
 	return true, nil
 }
 
-// HandleError is called by the helper for errors in the background. The
-// recoverable ones (publishing) are logged; anything else stops the plugin.
+// checkCounters asks the API server whether it keeps shared counters: at
+// the first publish (always), and while it is known to drop them, so that
+// the devices of multi-device groups come back once it keeps them again.
+func (d *Driver) checkCounters(ctx context.Context, first bool) {
+	dropped := d.countersDropped.Load()
+	if !first && !dropped {
+		// A change is reported by the resourceslice controller
+		// (HandleError).
+		return
+	}
+	logger := klog.FromContext(ctx)
+	ok, err := resources.CountersAccepted(ctx, d.cfg.KubeClient, d.cfg.DriverName, d.cfg.NodeName)
+	if err != nil {
+		logger.Error(err, "Cannot tell whether the API server keeps IOMMU group counters; publishing as before", "withoutCounters", dropped)
+		return
+	}
+	switch {
+	case !ok && !dropped:
+		logger.Info("Warning: the API server drops shared counters (feature gate DRAPartitionableDevices off): publishing only devices whose IOMMU group has no other offered member; prepare and unprepare go on")
+	case ok && dropped:
+		logger.Info("The API server keeps shared counters again: publishing the devices of multi-device IOMMU groups")
+	}
+	d.countersDropped.Store(!ok)
+}
+
+// HandleError is called by the helper for errors in the background. An API
+// server that dropped the IOMMU group counters gets only the devices that
+// are safe without them, republished at once; everything else is logged
+// (publishing is retried by the helper).
 func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 	logger := klog.FromContext(ctx)
 	var dropped *resourceslice.DroppedFieldsError
 	if errors.As(err, &dropped) && slices.Contains(dropped.DisabledFeatures(), "DRAPartitionableDevices") {
 		// Without shared counters the scheduler could hand two members
-		// of one IOMMU group to two claims. Better no devices than that.
-		err = fmt.Errorf("the API server dropped the IOMMU group counters (feature gate DRAPartitionableDevices is off): refusing to publish devices whose groups the scheduler cannot keep whole: %w", err)
-	} else if errors.Is(err, kubeletplugin.ErrRecoverable) {
+		// of one IOMMU group to two claims: take those devices away now.
+		if !d.countersDropped.Swap(true) {
+			logger.Info("Warning: the API server dropped the IOMMU group counters (feature gate DRAPartitionableDevices off): publishing only devices whose IOMMU group has no other offered member; prepare and unprepare go on", "err", err)
+		}
+		d.background.Go(func() {
+			if _, err := d.Resync(d.backgroundCtx); err != nil {
+				klog.FromContext(d.backgroundCtx).Error(err, "Publishing the devices that are safe without counters")
+			}
+		})
+		return
+	}
+	if errors.Is(err, kubeletplugin.ErrRecoverable) {
 		logger.Error(err, msg)
 		return
 	}
@@ -198,17 +314,90 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 }
 
 // scan reads the node as it is published: functions that claims moved to
-// vfio are described by their host drivers.
-func (d *Driver) scan() (*inventory.Inventory, error) {
+// vfio are described by their host drivers, and what the host uses is not
+// offered. It judges their health too.
+func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, *inventory.HostUse, verdict, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
 	d.claimMu.Lock()
 	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
-		return nil, err
+		return nil, nil, verdict{}, err
 	}
-	return inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	host := d.host.Read(hostview.OwnOf(cp))
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), host)
+	if err != nil {
+		return nil, nil, verdict{}, err
+	}
+	return inv, host, d.judge(ctx, inv, cp, true), nil
+}
+
+// metadataDir is where the kubeletplugin helper keeps the KEP-5304
+// metadata files of claims, in the plugin data directory: one directory
+// <namespace>_<name> per claim.
+const metadataDir = "dra-device-metadata"
+
+// removeOrphans removes this driver's CDI specs, the helper's device
+// metadata specs (<driver>_metadata_<uid>_<request>.json) and metadata
+// directories that no checkpointed claim owns: what a reboot left behind
+// (a persistent /var/run/cdi), or an earlier version, or a hand-edited
+// checkpoint. The checkpoint is written before any of them, so a claim
+// being prepared owns its files already.
+func (d *Driver) removeOrphans(ctx context.Context) error {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	// Files first, then the checkpoint: a file listed belongs to a claim
+	// whose entry was written before it, so the entry is seen too.
+	var errs []error
+	entries, err := os.ReadDir(d.cfg.CDIRoot)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	dirs, err := os.ReadDir(filepath.Join(d.cfg.PluginDataDir, metadataDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	cp, err := d.store.Get()
+	if err != nil {
+		return err
+	}
+	names := map[string]bool{}
+	for _, c := range cp.Claims {
+		names[c.Namespace+"_"+c.Name] = true
+	}
+	logger := klog.FromContext(ctx)
+	metadataPrefix := d.cfg.DriverName + "_metadata_"
+	for _, e := range entries {
+		if uid, ok := cdispec.ClaimOfSpecFile(d.cfg.DriverName, e.Name()); ok {
+			if cp.Claims[uid] == nil {
+				logger.Info("Removing a CDI spec that no claim owns", "path", filepath.Join(d.cfg.CDIRoot, e.Name()))
+				errs = append(errs, d.cdi.RemoveClaim(uid))
+			}
+			continue
+		}
+		rest, ok := strings.CutPrefix(e.Name(), metadataPrefix)
+		uid, _, found := strings.Cut(rest, "_")
+		if !ok || !found || !strings.HasSuffix(rest, ".json") || cp.Claims[uid] != nil {
+			continue
+		}
+		path := filepath.Join(d.cfg.CDIRoot, e.Name())
+		logger.Info("Removing a device metadata spec that no claim owns", "path", path)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for _, e := range dirs {
+		if !e.IsDir() || names[e.Name()] {
+			continue
+		}
+		path := filepath.Join(d.cfg.PluginDataDir, metadataDir, e.Name())
+		logger.Info("Removing device metadata that no claim owns", "path", path)
+		if err := os.RemoveAll(path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.
@@ -251,7 +440,10 @@ func (d *Driver) forgetOtherBoots(ctx context.Context) error {
 
 // rollBackUnfinished undoes prepares that a crash cut short, so that their
 // groups go back to the host now rather than when the kubelet happens to
-// ask for that claim again.
+// ask for that claim again. A rollback that fails does not stop the plugin:
+// the claim keeps its entry, and with it its groups (no other claim can be
+// prepared on them, and they are published with their host drivers), and
+// retryRollbacks tries again. Only an unreadable checkpoint is an error.
 func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 	cp, err := d.store.Get()
 	if err != nil {
@@ -261,16 +453,78 @@ func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 		if c.State != checkpoint.PrepareStarted {
 			continue
 		}
-		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name))
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
 		logger.Info("Rolling back a prepare that did not finish before the plugin stopped")
 		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
-			return fmt.Errorf("roll back the unfinished prepare of ResourceClaim %s/%s: %w", c.Namespace, c.Name, err)
+			logger.Error(err, "Rolling back an unfinished prepare failed; its IOMMU groups stay held and it is retried in the background")
 		}
 	}
 	return nil
 }
 
-// WatchHealthStatus is not called: the health service is off (see Start).
-func (d *Driver) WatchHealthStatus(ctx context.Context, reports chan<- kubeletplugin.DeviceHealthReport) error {
-	return kubeletplugin.ErrHealthNotSupported
+// Bounds of the retry of failed rollbacks: doubled after each failed round.
+const (
+	rollbackRetryFirst = time.Second
+	rollbackRetryMax   = 5 * time.Minute
+)
+
+// retryRollbacks gives back, with backoff, the groups of claims whose
+// prepare did not finish and whose rollback failed (state PrepareStarted
+// with a LastError), until ctx is done. The kubelet may never ask for such
+// a claim again (its pod is gone), so nobody else would.
+func (d *Driver) retryRollbacks(ctx context.Context) {
+	logger := klog.FromContext(ctx)
+	for {
+		// Idle until a rollback fails.
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.rollbackFailed:
+		}
+		for delay := rollbackRetryFirst; ; delay = min(2*delay, rollbackRetryMax) {
+			timer := time.NewTimer(delay)
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return
+			case <-timer.C:
+			}
+			// Failures of this round must not wake the next one early.
+			select {
+			case <-d.rollbackFailed:
+			default:
+			}
+			pending, err := d.retryRollbacksOnce(ctx)
+			if err != nil {
+				logger.Error(err, "Retrying failed rollbacks")
+			} else if pending == 0 {
+				break
+			}
+		}
+	}
+}
+
+// retryRollbacksOnce tries each failed rollback once and reports how many
+// are still failing.
+func (d *Driver) retryRollbacksOnce(ctx context.Context) (int, error) {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	cp, err := d.store.Get()
+	if err != nil {
+		return 0, err
+	}
+	pending := 0
+	for uid, c := range cp.Claims {
+		if c.State != checkpoint.PrepareStarted || c.LastError == "" {
+			continue
+		}
+		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
+		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+			logger.V(2).Info("Rollback still fails", "err", err)
+			pending++
+			continue
+		}
+		logger.Info("Rolled back an unfinished prepare on retry")
+	}
+	return pending, nil
 }

@@ -47,10 +47,16 @@ type node struct {
 
 func newNode(t *testing.T) *node {
 	t.Helper()
+	return newNodeWith(t, pcitest.DefaultKernelOptions())
+}
+
+// newNodeWith is newNode with a kernel that opts describe.
+func newNodeWith(t *testing.T, opts pcitest.KernelOptions) *node {
+	t.Helper()
 	e := newEnv(t)
-	// NewKernel creates <dev>/vfio/vfio and /dev/vfio/23 (81:00.3 is on
+	// The kernel creates <dev>/vfio/vfio and /dev/vfio/23 (81:00.3 is on
 	// vfio-pci already).
-	k, err := pcitest.NewKernel(e.tree.Root, e.cfg.DevRoot)
+	k, err := pcitest.NewKernelWithOptions(e.tree.Root, e.cfg.DevRoot, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

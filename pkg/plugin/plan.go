@@ -11,8 +11,10 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -43,7 +45,10 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		configs = append(configs, decodedConfig{source: c.Source, requests: c.Requests, config: vc})
 	}
 
-	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers())
+	// The host view is read again here, just before anything is written:
+	// a function mounted or opened by another process since the last scan
+	// fails the claim with the mount or the process as the reason.
+	inv, err := inventory.Scan(d.fs, d.cfg.DriverConfig, cp.HostDrivers(), d.host.Read(hostview.OwnOf(cp)))
 	if err != nil {
 		return nil, err
 	}
@@ -118,6 +123,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		}
 		p.Devices = append(p.Devices, checkpoint.Device{
 			Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, PCIAddress: addr.String(), IOMMUGroup: group,
+			Attributes: resources.Device(dec).Attributes,
 		})
 	}
 	return p, nil

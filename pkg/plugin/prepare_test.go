@@ -19,6 +19,7 @@ import (
 	drapb "k8s.io/kubelet/pkg/apis/dra/v1"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
@@ -343,6 +344,7 @@ func TestPrepareFailureChangesNothing(t *testing.T) {
 		gpuAudio = "0000:01:00.1"
 		vf2      = "0000:81:00.2"
 		smartNIC = "0000:82:00.0"
+		nvme     = "0000:83:00.0"
 		fpga     = "0000:84:00.0"
 	)
 	for _, tc := range []struct {
@@ -412,6 +414,34 @@ func TestPrepareFailureChangesNothing(t *testing.T) {
 			results:  []resourceapi.DeviceRequestAllocationResult{result("vf", vf2)},
 			config:   []resourceapi.DeviceAllocationConfiguration{opaque(fromClass, vfioConfig(`"driver": "mlx5_vfio_pci"`))},
 			wantErr:  []string{"pci-0000-81-00-2", "mlx5_vfio_pci", vfio.ErrDriverNotLoaded.Error()},
+			noWrites: true,
+		},
+		{
+			name: "function mounted since the last scan",
+			setup: func(t *testing.T, n *node) {
+				must(t, n.host.AddDisk(hostviewtest.Disk{Name: "nvme0n1", Function: nvme, Under: "nvme/nvme0", Major: 259, Minor: 0, Partitions: 1}))
+				must(t, n.host.AddMount(hostviewtest.Mount{Major: 259, Minor: 1, MountPoint: "/var/lib/images", FSType: "xfs", Source: "/dev/nvme0n1p1"}))
+			},
+			results:  []resourceapi.DeviceRequestAllocationResult{result("disk", nvme)},
+			wantErr:  []string{"pci-0000-83-00-0", "in use: /var/lib/images (nvme0n1p1)"},
+			noWrites: true,
+		},
+		{
+			name: "group opened by another process since the last scan",
+			setup: func(t *testing.T, n *node) {
+				must(t, n.host.AddProcess(4242, "qemu-system-x86", "/dev/null", "/dev/vfio/vfio", "/dev/vfio/27"))
+			},
+			results:  []resourceapi.DeviceRequestAllocationResult{result("nic", smartNIC), result("fpga", fpga)},
+			wantErr:  []string{"pci-0000-84-00-0", "in use: held by pid 4242 (qemu-system-x86) through /dev/vfio/27"},
+			noWrites: true,
+		},
+		{
+			name: "host view unreadable at prepare",
+			setup: func(t *testing.T, n *node) {
+				must(t, os.Remove(filepath.Join(n.cfg.ProcRoot, "1", "mountinfo")))
+			},
+			results:  []resourceapi.DeviceRequestAllocationResult{result("nic", smartNIC)},
+			wantErr:  []string{"pci-0000-82-00-0", "host view", "mountinfo"},
 			noWrites: true,
 		},
 		{
@@ -780,6 +810,8 @@ func TestResyncAfterPrepare(t *testing.T) {
 		t.Fatalf("GPU is on %q, want vfio-pci", got)
 	}
 
+	// The claim's container opens its group: that is no other user.
+	must(t, n.host.AddProcess(3100, "virt-launcher", "/dev/vfio/vfio", "/dev/vfio/2"))
 	if changed, err := n.driver.Resync(ctx); err != nil || changed {
 		t.Errorf("Resync after prepare = %v, %v; want nothing to publish", changed, err)
 	}
@@ -797,6 +829,13 @@ func TestResyncAfterPrepare(t *testing.T) {
 	})
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("published driver attribute (-want +got):\n%s", diff)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,8 @@ import (
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/klog/v2/ktesting"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inspect"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -33,9 +36,14 @@ import (
 const nodeName = "node-a"
 
 type env struct {
-	cfg    plugin.Config
-	tree   *pcitest.Tree
+	cfg  plugin.Config
+	tree *pcitest.Tree
+	// host is what the host uses (hostviewtest.Server: nothing offered).
+	host   *hostviewtest.Host
 	client *fake.Clientset
+	// countersOff makes the fake API server behave as one with
+	// DRAPartitionableDevices off: it drops shared counters.
+	countersOff *atomic.Bool
 }
 
 func newEnv(t *testing.T) *env {
@@ -56,6 +64,10 @@ func newEnv(t *testing.T) *env {
 	if err := os.WriteFile(filepath.Join(proc, "sys/kernel/random/boot_id"), []byte("boot-1\n"), 0o444); err != nil {
 		t.Fatal(err)
 	}
+	host, err := hostviewtest.Server(tree.Root, proc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	client := fake.NewClientset(&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName, UID: "node-uid"}})
 	// The fake API server does not implement generateName; the controller
 	// relies on it.
@@ -68,9 +80,38 @@ func newEnv(t *testing.T) *env {
 		}
 		return false, nil, nil
 	})
+	// A real API server stores nothing for a dry run, and drops shared
+	// counters when DRAPartitionableDevices is off.
+	countersOff := &atomic.Bool{}
+	for _, verb := range []string{"create", "update"} {
+		client.PrependReactor(verb, "resourceslices", func(action k8stesting.Action) (bool, runtime.Object, error) {
+			var s *resourceapi.ResourceSlice
+			dryRun := false
+			switch a := action.(type) {
+			case k8stesting.CreateActionImpl:
+				s, dryRun = a.GetObject().(*resourceapi.ResourceSlice), len(a.CreateOptions.DryRun) > 0
+			case k8stesting.UpdateActionImpl:
+				s, dryRun = a.GetObject().(*resourceapi.ResourceSlice), len(a.UpdateOptions.DryRun) > 0
+			default:
+				return false, nil, nil
+			}
+			if countersOff.Load() {
+				s.Spec.SharedCounters = nil
+				for i := range s.Spec.Devices {
+					s.Spec.Devices[i].ConsumesCounters = nil
+				}
+			}
+			if dryRun {
+				return true, s, nil
+			}
+			return false, nil, nil
+		})
+	}
 	return &env{
-		tree:   tree,
-		client: client,
+		tree:        tree,
+		host:        host,
+		client:      client,
+		countersOff: countersOff,
 		cfg: plugin.Config{
 			DriverName:     plugin.DefaultDriverName,
 			NodeName:       nodeName,
@@ -122,7 +163,7 @@ func TestPublishMatchesInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil)
+	inv, err := inventory.Scan(fs, nil, nil, hostview.New(e.tree.Root, e.cfg.ProcRoot).Read(hostview.Own{}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,9 +36,9 @@ const (
 
 // Limits of the resource.k8s.io/v1 API that shape the slices.
 const (
-	maxDevicesPerSlice             = resourceapi.ResourceSliceMaxDevices
-	maxDevicesPerSliceWithCounters = resourceapi.ResourceSliceMaxDevicesWithAdvancedFeatures
-	maxCounterSetsPerSlice         = resourceapi.ResourceSliceMaxCounterSets
+	maxDevicesPerSlice                     = resourceapi.ResourceSliceMaxDevices
+	maxDevicesPerSliceWithAdvancedFeatures = resourceapi.ResourceSliceMaxDevicesWithAdvancedFeatures
+	maxCounterSetsPerSlice                 = resourceapi.ResourceSliceMaxCounterSets
 )
 
 // groupCounter is the one counter of an IOMMU group's counter set. The set
@@ -52,6 +52,11 @@ func CounterSetName(group int) string { return "iommu-group-" + strconv.Itoa(gro
 // counter sets of multi-device groups in slices of their own, as the API
 // requires.
 func Build(nodeName string, inv *inventory.Inventory) resourceslice.DriverResources {
+	return BuildTainted(nodeName, inv, nil)
+}
+
+// BuildTainted is Build with device taints, keyed by device name.
+func BuildTainted(nodeName string, inv *inventory.Inventory, taints map[string][]resourceapi.DeviceTaint) resourceslice.DriverResources {
 	offered := inv.Offered()
 	perGroup := map[int]int{}
 	for _, d := range offered {
@@ -60,11 +65,14 @@ func Build(nodeName string, inv *inventory.Inventory) resourceslice.DriverResour
 
 	var out []resourceslice.Slice
 	var cur []resourceapi.Device
-	curCounters := false
+	// curAdvanced: a device of the current slice consumes counters or has
+	// taints, which lowers the slice's device limit.
+	curAdvanced := false
 	var counterSets []resourceapi.CounterSet
 	written := map[int]bool{}
 	for _, d := range offered {
 		dev := Device(d)
+		dev.Taints = taints[dev.Name]
 		group := *d.Device.IOMMUGroup
 		shared := perGroup[group] > 1
 		if shared {
@@ -80,17 +88,19 @@ func Build(nodeName string, inv *inventory.Inventory) resourceslice.DriverResour
 				})
 			}
 		}
-		// A slice in which any device consumes counters holds fewer devices.
+		// A slice in which any device consumes counters or has taints
+		// holds fewer devices.
+		advanced := shared || len(dev.Taints) > 0
 		limit := maxDevicesPerSlice
-		if curCounters || shared {
-			limit = maxDevicesPerSliceWithCounters
+		if curAdvanced || advanced {
+			limit = maxDevicesPerSliceWithAdvancedFeatures
 		}
 		if len(cur) >= limit {
 			out = append(out, resourceslice.Slice{Devices: cur})
-			cur, curCounters = nil, false
+			cur, curAdvanced = nil, false
 		}
 		cur = append(cur, dev)
-		curCounters = curCounters || shared
+		curAdvanced = curAdvanced || advanced
 	}
 	// The API wants at least one slice per pool, even an empty one.
 	if len(cur) > 0 || len(out) == 0 {

@@ -38,7 +38,7 @@ func serverInventory(t *testing.T) *inventory.Inventory {
 	if err != nil {
 		t.Fatal(err)
 	}
-	inv, err := inventory.Scan(fs, nil, nil)
+	inv, err := inventory.Scan(fs, nil, nil, &inventory.HostUse{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,5 +347,70 @@ func TestAllocatorMatchAttribute(t *testing.T) {
 		resourceapi.DeviceConstraint{MatchAttribute: ptr.To(resourceapi.FullyQualifiedName("resource.kubernetes.io/numaNode"))}))
 	if diff := cmp.Diff([][]string{{"pci-0000-01-00-0", "pci-0000-03-00-0"}}, got); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// TestBuildTaintsLowerTheSliceLimit: a slice with a tainted device holds at
+// most 64 devices, as the API validates, even when no device consumes
+// counters.
+func TestBuildTaintsLowerTheSliceLimit(t *testing.T) {
+	inv := &inventory.Inventory{}
+	for i := range 200 {
+		g := i
+		inv.Decisions = append(inv.Decisions, inventory.Decision{
+			Device:  &pci.Device{Address: pci.Address{Bus: uint8(i / 32), Device: uint8(i % 32)}, Class: 0x020000, IOMMUGroup: &g, NUMANode: -1},
+			Offered: true,
+		})
+	}
+	taint := []resourceapi.DeviceTaint{{Key: "vfio.dra.dev/no-reset", Effect: resourceapi.DeviceTaintEffectNone}}
+	tainted := inv.Decisions[150].Device.Address.DeviceName()
+	res := resources.BuildTainted(nodeName, inv, map[string][]resourceapi.DeviceTaint{tainted: taint})
+	found := 0
+	for i, s := range res.Pools[nodeName].Slices {
+		limit := resourceapi.ResourceSliceMaxDevices
+		for _, d := range s.Devices {
+			if len(d.Taints) > 0 {
+				limit = resourceapi.ResourceSliceMaxDevicesWithAdvancedFeatures
+				found++
+				if d.Name != tainted || !cmp.Equal(d.Taints, taint) {
+					t.Errorf("device %s has taints %v", d.Name, d.Taints)
+				}
+			}
+		}
+		if len(s.Devices) > limit {
+			t.Errorf("slice %d has %d devices, limit %d", i, len(s.Devices), limit)
+		}
+	}
+	if found != 1 {
+		t.Errorf("%d tainted devices published, want 1", found)
+	}
+}
+
+// TestAllocatorSkipsTaintedDevices: the scheduler's allocator does not
+// hand out a NoSchedule or NoExecute device, but does hand out one whose
+// taint is informational (None).
+func TestAllocatorSkipsTaintedDevices(t *testing.T) {
+	inv := serverInventory(t)
+	for _, tc := range []struct {
+		effect resourceapi.DeviceTaintEffect
+		want   [][]string
+	}{
+		{resourceapi.DeviceTaintEffectNoSchedule, nil},
+		{resourceapi.DeviceTaintEffectNoExecute, nil},
+		{resourceapi.DeviceTaintEffectNone, [][]string{{"pci-0000-82-00-0"}}},
+	} {
+		t.Run(string(tc.effect), func(t *testing.T) {
+			a := &allocator{t: t, allocated: sets.New[structured.DeviceID]()}
+			res := resources.BuildTainted(nodeName, inv, map[string][]resourceapi.DeviceTaint{
+				"pci-0000-82-00-0": {{Key: "vfio.dra.dev/unhealthy", Value: "off-bus", Effect: tc.effect}},
+			})
+			for i, s := range resources.Slices(driverName, nodeName, res) {
+				s.Name = fmt.Sprintf("slice-%d", i)
+				a.slices = append(a.slices, &s)
+			}
+			if diff := cmp.Diff(tc.want, a.allocate(claim("nfp", 1, attr("vendorID", `"19ee"`)))); diff != "" {
+				t.Errorf("(-want +got):\n%s", diff)
+			}
+		})
 	}
 }

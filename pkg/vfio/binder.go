@@ -37,11 +37,32 @@ const (
 	StepProbe         = "probe"
 	StepWaitDriver    = "wait for driver"
 	StepWaitGroupNode = "wait for /dev/vfio/N"
+	StepWaitCDev      = "wait for vfio-dev/vfioN"
+)
+
+// WaitFor selects what BindFor waits for once every function is bound.
+type WaitFor int
+
+const (
+	// WaitGroupNode waits for <devRoot>/vfio/<group>, what the legacy
+	// container interface opens.
+	WaitGroupNode WaitFor = iota
+	// WaitDeviceCDevs waits, for every function, for its iommufd
+	// character device (<device>/vfio-dev/vfioN/dev and
+	// <devRoot>/vfio/devices/vfioN). A kernel built without
+	// CONFIG_VFIO_GROUP never creates the group node.
+	WaitDeviceCDevs
 )
 
 const (
 	defaultTimeout = 10 * time.Second
 	defaultPoll    = 20 * time.Millisecond
+	// probeGrace is how long a function may stay driverless after a
+	// drivers_probe write returned before the probe counts as refused.
+	// Linux probes synchronously within the write (device_attach), so
+	// this only covers writers that apply it later (the kernel emulator
+	// behind inotify); it stays well below the timeout.
+	probeGrace = time.Second
 	// clearOverride is what clears driver_override: the kernel keeps the
 	// text up to the first newline, and an empty override means none.
 	clearOverride = "\n"
@@ -50,6 +71,12 @@ const (
 // ErrDriverNotLoaded means the target driver has no bus/pci/drivers/<name>
 // directory: its module is not loaded.
 var ErrDriverNotLoaded = errors.New("driver not loaded")
+
+// ErrProbeRefused means a function stayed without a driver after
+// drivers_probe: the driver refused it (its probe failed, a denylist, a
+// variant that only takes VFs, a PF with SR-IOV enabled) or does not match
+// it. The kernel log says which.
+var ErrProbeRefused = errors.New("probe refused")
 
 // ErrTimeout means a write did not return, or sysfs did not show its effect,
 // within Options.Timeout.
@@ -218,6 +245,12 @@ func (b *Binder) Snapshot(addrs []pci.Address) ([]Original, error) {
 // too, its error is joined to the StepError. A function that no longer
 // exists needs no rollback and adds no error.
 func (b *Binder) Bind(ctx context.Context, group int, originals []Original, target string) error {
+	return b.BindFor(ctx, group, originals, target, WaitGroupNode)
+}
+
+// BindFor is Bind, waiting at the end for what waitFor names instead of
+// always for the group node.
+func (b *Binder) BindFor(ctx context.Context, group int, originals []Original, target string, waitFor WaitFor) error {
 	if len(originals) == 0 {
 		return &StepError{Step: StepCheckGroup, Err: fmt.Errorf("IOMMU group %d: no functions to bind", group)}
 	}
@@ -272,8 +305,16 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 		}
 	}
 
+	if waitFor == WaitDeviceCDevs {
+		for _, a := range addrs {
+			if err := b.wait(ctx, b.timeout, func() (bool, string, error) { return b.cdevReady(a) }); err != nil {
+				return fail(&StepError{Address: a.String(), Step: StepWaitCDev, Err: err})
+			}
+		}
+		return nil
+	}
 	node := b.GroupNodePath(group)
-	err = b.wait(ctx, func() (bool, string, error) {
+	err = b.wait(ctx, b.timeout, func() (bool, string, error) {
 		_, err := os.Stat(node)
 		if errors.Is(err, fs.ErrNotExist) {
 			return false, node + " does not exist", nil
@@ -284,6 +325,39 @@ func (b *Binder) Bind(ctx context.Context, group int, originals []Original, targ
 		return fail(&StepError{Address: originals[0].Address, Step: StepWaitGroupNode, Err: err})
 	}
 	return nil
+}
+
+// cdevReady reports whether the iommufd character device of a function on
+// a VFIO driver is there, in sysfs and as a node below devRoot. A class
+// device without a dev attribute is a kernel without
+// CONFIG_VFIO_DEVICE_CDEV: that will not change, so it is an error.
+func (b *Binder) cdevReady(a pci.Address) (bool, string, error) {
+	dir := b.fs.DevicePath(a, "vfio-dev")
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, dir + " does not exist", nil
+	}
+	if err != nil {
+		return false, "", err
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), "vfio") {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(dir, e.Name(), "dev")); errors.Is(err, fs.ErrNotExist) {
+			return false, "", fmt.Errorf("%s has no dev attribute: the kernel has no VFIO device cdev (needs Linux 6.6+ with CONFIG_VFIO_DEVICE_CDEV)", filepath.Join(dir, e.Name()))
+		} else if err != nil {
+			return false, "", err
+		}
+		node := filepath.Join(b.devRoot, "vfio", "devices", e.Name())
+		if _, err := os.Stat(node); errors.Is(err, fs.ErrNotExist) {
+			return false, node + " does not exist", nil
+		} else if err != nil {
+			return false, "", err
+		}
+		return true, "", nil
+	}
+	return false, dir + " is empty", nil
 }
 
 // Restore gives functions back. It is RestoreReport without the list of
@@ -408,7 +482,13 @@ func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver str
 		}
 		return d == driver, nil
 	}
-	if err := b.waitDriver(ctx, a, bound); err != nil {
+	err := b.waitDriverFor(ctx, min(probeGrace, b.timeout), a, bound)
+	if errors.Is(err, ErrTimeout) {
+		// Still driverless: the kernel probed and the driver said no.
+		err = fmt.Errorf("%w: %s has no driver after drivers_probe, so %s refused or does not match it; the kernel log (dmesg) says why",
+			ErrProbeRefused, a, driver)
+	}
+	if err != nil {
 		return &StepError{Address: a.String(), Step: StepWaitDriver, Err: fmt.Errorf("want %s: %w", driver, err)}
 	}
 	return nil
@@ -475,7 +555,11 @@ func bounded[T any](timeout time.Duration, what string, fn func() (T, error)) (T
 }
 
 func (b *Binder) waitDriver(ctx context.Context, a pci.Address, done func(driver string) (bool, error)) error {
-	return b.wait(ctx, func() (bool, string, error) {
+	return b.waitDriverFor(ctx, b.timeout, a, done)
+}
+
+func (b *Binder) waitDriverFor(ctx context.Context, timeout time.Duration, a pci.Address, done func(driver string) (bool, error)) error {
+	return b.wait(ctx, timeout, func() (bool, string, error) {
 		d, err := b.fs.CurrentDriver(a)
 		if err != nil {
 			return false, "", err
@@ -490,10 +574,10 @@ func (b *Binder) waitDriver(ctx context.Context, a pci.Address, done func(driver
 	})
 }
 
-// wait polls cond until it holds, fails, ctx ends or the timeout passes.
+// wait polls cond until it holds, fails, ctx ends or timeout passes.
 // cond describes the state it saw for the error message.
-func (b *Binder) wait(ctx context.Context, cond func() (ok bool, seen string, err error)) error {
-	timer := time.NewTimer(b.timeout)
+func (b *Binder) wait(ctx context.Context, timeout time.Duration, cond func() (ok bool, seen string, err error)) error {
+	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	ticker := time.NewTicker(b.poll)
 	defer ticker.Stop()
@@ -509,7 +593,7 @@ func (b *Binder) wait(ctx context.Context, cond func() (ok bool, seen string, er
 			if ok, seen, err = cond(); err != nil || ok {
 				return err
 			}
-			return fmt.Errorf("%s after %s: %w", seen, b.timeout, ErrTimeout)
+			return fmt.Errorf("%s after %s: %w", seen, timeout, ErrTimeout)
 		case <-ticker.C:
 		}
 	}

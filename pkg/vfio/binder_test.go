@@ -114,8 +114,9 @@ func newMachine(t *testing.T) *machine {
 	k.SetNative(mixedVFIO, "e1000e")
 	// The PF has sriov_drivers_autoprobe=0: drivers_probe binds its VFs
 	// only to the driver their override names.
-	k.SetNative(vf1, "")
-	k.SetNative(vf2, "")
+	if err := os.WriteFile(fs.DevicePath(addrs(t, pf)[0], "sriov_drivers_autoprobe"), []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	return &machine{tree: tree, fs: fs, dev: dev, kernel: k}
 }
 
@@ -890,27 +891,35 @@ func TestBindWaits(t *testing.T) {
 		}
 	})
 
-	t.Run("driver never appears", func(t *testing.T) {
+	t.Run("probe refused", func(t *testing.T) {
 		m := newMachine(t)
 		dropped := false
 		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
 			if isProbe(path) && !dropped {
+				// The kernel probed and the driver said no: the
+				// write succeeds, the function stays driverless.
 				dropped = true
 				return false
 			}
 			return true
 		}}
-		b := m.binder(w, 100*time.Millisecond)
+		// Far longer than the test may take: a refused probe must not
+		// wait for the timeout.
+		b := m.binder(w, time.Hour)
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
 		originals, err := b.Snapshot(addrs(t, nic))
 		if err != nil {
 			t.Fatal(err)
 		}
-		err = b.Bind(t.Context(), 4, originals, "vfio-pci")
-		if !errors.Is(err, vfio.ErrTimeout) {
-			t.Fatalf("Bind error %v, want ErrTimeout", err)
+		err = b.Bind(ctx, 4, originals, "vfio-pci")
+		if !errors.Is(err, vfio.ErrProbeRefused) {
+			t.Fatalf("Bind error %v, want ErrProbeRefused", err)
 		}
-		if !strings.Contains(err.Error(), "0000:02:00.0: wait for driver: want vfio-pci: no driver bound") {
-			t.Errorf("message %q does not say what it saw", err)
+		for _, want := range []string{"0000:02:00.0: wait for driver: want vfio-pci", "has no driver after drivers_probe", "kernel log"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("message %q lacks %q", err, want)
+			}
 		}
 		if diff := cmp.Diff(originals, m.state(t, nic)); diff != "" {
 			t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
@@ -1413,6 +1422,59 @@ func TestDeviceCDev(t *testing.T) {
 	}
 	if got, err := b.DeviceCDev(addrs(t, vfioNIC)[0]); err != nil || got != "" {
 		t.Errorf("DeviceCDev without a dev file = %q, %v; want no cdev", got, err)
+	}
+}
+
+// An iommufd prepare waits for the functions' cdevs, which is all a kernel
+// without CONFIG_VFIO_GROUP makes.
+func TestBindForDeviceCDevs(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		opts    pcitest.KernelOptions
+		wantErr string
+	}{
+		{name: "no VFIO group interface", opts: pcitest.KernelOptions{DeviceCDev: true, NoVFIOGroup: true}},
+		{name: "group and cdevs", opts: pcitest.DefaultKernelOptions()},
+		{name: "kernel without device cdevs", opts: pcitest.KernelOptions{}, wantErr: "the kernel has no VFIO device cdev"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMachine(t)
+			m.dev = filepath.Join(t.TempDir(), "dev")
+			k, err := pcitest.NewKernelWithOptions(m.tree.Root, m.dev, tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := m.binder(k, time.Hour)
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = b.BindFor(ctx, 2, originals, "vfio-pci", vfio.WaitDeviceCDevs)
+			if tc.wantErr != "" {
+				var se *vfio.StepError
+				if !errors.As(err, &se) || se.Step != vfio.StepWaitCDev || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("BindFor error %v, want %q at step %q", err, tc.wantErr, vfio.StepWaitCDev)
+				}
+				if diff := cmp.Diff(originals, m.state(t, gpu, gpuAudio)); diff != "" {
+					t.Errorf("state after the failed Bind (-original +now):\n%s", diff)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("BindFor: %v", err)
+			}
+			for _, a := range []string{gpu, gpuAudio} {
+				cdev, err := b.DeviceCDev(addrs(t, a)[0])
+				if err != nil || cdev == "" || !isCharDevice(t, filepath.Join(m.dev, "vfio", "devices", cdev)) {
+					t.Errorf("%s: cdev %q, %v after BindFor", a, cdev, err)
+				}
+			}
+			if tc.opts.NoVFIOGroup && isCharDevice(t, m.groupNode(2)) {
+				t.Error("the emulator made a group node without CONFIG_VFIO_GROUP")
+			}
+		})
 	}
 }
 

@@ -97,7 +97,7 @@ func TestPluginPublishesResourceSlices(t *testing.T) {
 	}
 
 	// The same content as "vfio-dra inspect" for this tree and configuration.
-	inspectArgs := []string{"inspect", "--sysfs-root", node.SysfsRoot, "--config", filepath.Join(repoRoot(t), "demo", "config.yaml"), "-o", "json"}
+	inspectArgs := []string{"inspect", "--sysfs-root", node.SysfsRoot, "--proc-root", node.ProcRoot, "--config", filepath.Join(repoRoot(t), "demo", "config.yaml"), "-o", "json"}
 	want := decodeSliceList(t, driverCommand(ctx, t, "vfio-dra", append(inspectArgs, "--node-name", node.Name)...))
 	if len(want) != len(published) {
 		t.Fatalf("vfio-dra inspect prints %d ResourceSlices, the plugin published %d", len(want), len(published))

@@ -49,6 +49,10 @@ type KernelOptions struct {
 	// (6.1 to 6.5) vfio-dev/vfioN still exists but holds no dev attribute
 	// and its uevent is empty, and no node is made.
 	DeviceCDev bool
+	// NoVFIOGroup is CONFIG_VFIO_GROUP=n (6.6 and later, with DeviceCDev):
+	// there is no group interface, so neither /dev/vfio/vfio nor any
+	// /dev/vfio/<group> is made; only the device cdevs exist.
+	NoVFIOGroup bool
 }
 
 // DefaultKernelOptions is what NewKernel emulates: a 6.6 or later kernel
@@ -84,6 +88,7 @@ type Kernel struct {
 	owned  map[int]bool // groups user space holds with a container set
 	writes []string
 	errs   []error
+	dmesg  []string
 }
 
 type failKey struct{ op, addr string }
@@ -122,8 +127,10 @@ func NewKernelWithOptions(sysfsRoot, devRoot string, opts KernelOptions) (*Kerne
 	if err := os.MkdirAll(filepath.Join(devRoot, "vfio"), 0o755); err != nil {
 		return nil, err
 	}
-	if err := mknodChar(filepath.Join(devRoot, "vfio", "vfio"), vfioMiscMajor, vfioMiscMinor, 0o666); err != nil {
-		return nil, err
+	if !opts.NoVFIOGroup {
+		if err := mknodChar(filepath.Join(devRoot, "vfio", "vfio"), vfioMiscMajor, vfioMiscMinor, 0o666); err != nil {
+			return nil, err
+		}
 	}
 	devices, problems, err := pfs.Scan()
 	if err != nil {
@@ -235,6 +242,14 @@ func (k *Kernel) Writes() []string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return slices.Clone(k.writes)
+}
+
+// KernelLog returns what the emulated kernel logged (dmesg), e.g. why a
+// driver refused a device.
+func (k *Kernel) KernelLog() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.dmesg)
 }
 
 // Errors returns the errors of the writes Watch applied: the ones the
@@ -361,9 +376,23 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 		if cur != "" {
 			return syscall.EBUSY
 		}
+		canProbe, err := k.canProbe(a)
+		if err != nil {
+			return err
+		}
+		if !canProbe {
+			// pci_device_probe refuses it.
+			return syscall.ENODEV
+		}
 		// bind passes the error of the driver core's probe on: EBUSY
-		// from a DMA ownership conflict, EINVAL from vfio-pci.
-		return k.attach(a, arg)
+		// from a DMA ownership conflict, the driver's own error from a
+		// failed probe.
+		err = k.attach(a, arg)
+		var pe *probeError
+		if errors.As(err, &pe) {
+			return pe.errno
+		}
+		return err
 	case OpProbe:
 		addr := busName(data)
 		k.logf("probe %s", addr)
@@ -379,11 +408,21 @@ func (k *Kernel) apply(op, arg string, data []byte) error {
 	return fmt.Errorf("unknown operation %q: %w", op, syscall.EINVAL)
 }
 
+// probeError is a driver's probe failing: the driver core logs it and,
+// for drivers_probe, tries the next driver (none here) and reports
+// success; bind returns errno.
+type probeError struct{ errno syscall.Errno }
+
+func (e *probeError) Error() string { return "probe failed: " + e.errno.Error() }
+func (e *probeError) Unwrap() error { return e.errno }
+
 // probe binds an unbound device to the first matching loaded driver: the
 // override when one is set (and no other driver then), else the native
 // driver. No match leaves the device unbound and is no error, and neither
-// is a failing probe (vfio-pci without an IOMMU group). A DMA ownership
-// conflict is: drivers_probe turns every error into EINVAL.
+// is a failing probe (vfio-pci without an IOMMU group, or on a PF with VFs
+// enabled). A VF of a PF with sriov_drivers_autoprobe 0 is only probed
+// with an override. A DMA ownership conflict is an error: drivers_probe
+// turns every error into EINVAL.
 func (k *Kernel) probe(a pci.Address) error {
 	cur, err := k.fs.CurrentDriver(a)
 	if err != nil || cur != "" {
@@ -391,6 +430,9 @@ func (k *Kernel) probe(a pci.Address) error {
 	}
 	override, err := k.override(a)
 	if err != nil {
+		return err
+	}
+	if canProbe, err := k.canProbe(a); err != nil || !canProbe {
 		return err
 	}
 	driver := override
@@ -401,13 +443,35 @@ func (k *Kernel) probe(a pci.Address) error {
 		return nil
 	}
 	err = k.attach(a, driver)
+	var pe *probeError
 	switch {
+	case errors.As(err, &pe):
+		return nil
 	case errors.Is(err, syscall.EBUSY):
 		return syscall.EINVAL
-	case errors.Is(err, syscall.EINVAL):
-		return nil
 	}
 	return err
+}
+
+// canProbe is pci_device_can_probe: a VF whose PF has
+// sriov_drivers_autoprobe 0 is probed only when it has a driver_override.
+func (k *Kernel) canProbe(a pci.Address) (bool, error) {
+	d, err := k.fs.Device(a)
+	if err != nil || d.PhysFn == nil {
+		return err == nil, err
+	}
+	override, err := k.override(a)
+	if err != nil || override != "" {
+		return err == nil, err
+	}
+	data, err := os.ReadFile(k.fs.DevicePath(*d.PhysFn, "sriov_drivers_autoprobe"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return strings.TrimSpace(string(data)) != "0", nil
 }
 
 // matches is the PCI core's match: an override matches only the driver it
@@ -435,7 +499,15 @@ func (k *Kernel) attach(a pci.Address, driver string) error {
 		return syscall.EBUSY
 	}
 	if IsVFIODriver(driver) && d.IOMMUGroup == nil {
-		return syscall.EINVAL
+		k.klog("%s %s: probe with driver %s failed with error -22", driver, a, driver)
+		return &probeError{syscall.EINVAL}
+	}
+	if IsVFIODriver(driver) && d.SRIOVNumVFs > 0 {
+		// vfio_pci_core_register_device: the VFs may be in use by
+		// the host; disabling SR-IOV here could block.
+		k.klog("%s %s: Cannot bind to PF with SR-IOV enabled", driver, a)
+		k.klog("%s: probe of %s failed with error -16", driver, a)
+		return &probeError{syscall.EBUSY}
 	}
 	// The driver's probe runs before the driver core links the device, so
 	// VFIO nodes exist by the time the driver link appears.
@@ -454,15 +526,85 @@ func (k *Kernel) attach(a pci.Address, driver string) error {
 }
 
 // detach unbinds addr. The driver core removes the links before it calls
-// the driver's remove, so VFIO nodes go after the driver link.
+// the driver's remove, so VFIO nodes go after the driver link. A PF
+// driver's remove disables SR-IOV: the VFs go away.
 func (k *Kernel) detach(a pci.Address, driver string) error {
 	if err := k.tree.Unbind(a.String()); err != nil {
 		return err
 	}
 	if IsVFIODriver(driver) {
-		return k.vfioDetached(a)
+		if err := k.vfioDetached(a); err != nil {
+			return err
+		}
 	}
-	return nil
+	return k.disableSRIOV(a)
+}
+
+// disableSRIOV removes the VFs of a PF, as pci_disable_sriov does: each VF
+// is unbound, then its directory and every link to it go, and
+// sriov_numvfs reads 0.
+func (k *Kernel) disableSRIOV(pf pci.Address) error {
+	virtfns, err := filepath.Glob(k.fs.DevicePath(pf, "virtfn*"))
+	if err != nil || len(virtfns) == 0 {
+		return err
+	}
+	for _, link := range virtfns {
+		dir, err := filepath.EvalSymlinks(link)
+		if err != nil {
+			return err
+		}
+		vf, err := pci.ParseAddress(filepath.Base(dir))
+		if err != nil {
+			return err
+		}
+		if err := k.removeFunction(vf); err != nil {
+			return err
+		}
+		if err := os.Remove(link); err != nil {
+			return err
+		}
+	}
+	return k.writeAttr(pf, "sriov_numvfs", "0\n")
+}
+
+// removeFunction removes a function from the bus (pci_stop_and_remove_bus_device).
+func (k *Kernel) removeFunction(a pci.Address) error {
+	d, err := k.fs.Device(a)
+	if err != nil {
+		return err
+	}
+	if d.Driver != "" {
+		if err := k.detach(a, d.Driver); err != nil {
+			return err
+		}
+	}
+	dir, err := filepath.EvalSymlinks(k.fs.DevicePath(a))
+	if err != nil {
+		return err
+	}
+	if d.IOMMUGroup != nil {
+		if err := removeIfExists(k.fs.Path(pci.IOMMUGroupDir, strconv.Itoa(*d.IOMMUGroup), "devices", a.String())); err != nil {
+			return err
+		}
+	}
+	if err := os.Remove(k.fs.DevicePath(a)); err != nil {
+		return err
+	}
+	k.klog("pci %s: removed", a)
+	return os.RemoveAll(dir)
+}
+
+// writeAttr replaces a sysfs attribute of a device by a rename.
+func (k *Kernel) writeAttr(a pci.Address, name, content string) error {
+	dir, err := filepath.EvalSymlinks(k.fs.DevicePath(a))
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "."+name+".new")
+	if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, name))
 }
 
 // vfioAttached creates the group node (if this is the first VFIO member)
@@ -472,7 +614,7 @@ func (k *Kernel) vfioAttached(a pci.Address) error {
 	if err != nil {
 		return err
 	}
-	if d.IOMMUGroup != nil {
+	if d.IOMMUGroup != nil && !k.opts.NoVFIOGroup {
 		if err := mknodChar(k.groupNode(*d.IOMMUGroup), vfioGroupMajor, uint32(*d.IOMMUGroup), 0o600); err != nil {
 			return err
 		}
@@ -622,6 +764,11 @@ func (k *Kernel) takeFailure(op, addr string) error {
 		delete(k.fail, key)
 	}
 	return err
+}
+
+// klog adds a line to the emulated kernel log; k.mu is held.
+func (k *Kernel) klog(format string, args ...any) {
+	k.dmesg = append(k.dmesg, fmt.Sprintf(format, args...))
 }
 
 func (k *Kernel) logf(format string, args ...any) {

@@ -903,3 +903,121 @@ func TestRestoreWhileGroupOwned(t *testing.T) {
 		t.Errorf("driver_override of %s: %q %v after the second Restore, want cleared", nicA, ov, err)
 	}
 }
+
+// SR-IOV as Linux does it: vfio-pci refuses a PF with VFs enabled while
+// drivers_probe still succeeds, a PF driver's unbind removes the VFs, and a
+// VF of a PF with sriov_drivers_autoprobe 0 is probed only with an
+// override.
+func TestSRIOV(t *testing.T) {
+	const (
+		pf  = "0000:05:00.0"
+		vf0 = "0000:05:10.0"
+		vf1 = "0000:05:10.2"
+	)
+	setup := func(t *testing.T, pfDriver string) *fixture {
+		t.Helper()
+		dir := t.TempDir()
+		tree, err := pcitest.New(filepath.Join(dir, "sys"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tree.Add(
+			pcitest.Function{Address: pf, Vendor: 0x8086, Device: 0x10fb, Class: 0x020000, Driver: pfDriver, IOMMUGroup: 9, SRIOVTotalVFs: 2},
+			pcitest.Function{Address: vf0, Vendor: 0x8086, Device: 0x10ed, Class: 0x020000, Driver: "ixgbevf", IOMMUGroup: 10, PhysFn: pf},
+			pcitest.Function{Address: vf1, Vendor: 0x8086, Device: 0x10ed, Class: 0x020000, Driver: "ixgbevf", IOMMUGroup: 11, PhysFn: pf},
+		); err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range []string{"vfio-pci", "ixgbe"} {
+			if err := tree.AddDriver(d); err != nil {
+				t.Fatal(err)
+			}
+		}
+		fs, err := pci.NewFS(tree.Root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		k, err := pcitest.NewKernel(tree.Root, filepath.Join(dir, "dev"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &fixture{tree: tree, fs: fs, dev: filepath.Join(dir, "dev"), k: k}
+	}
+
+	t.Run("vfio-pci refuses a PF with VFs", func(t *testing.T) {
+		f := setup(t, "")
+		mustWrite(t, f, f.overrideFile(pf), "vfio-pci")
+		mustWrite(t, f, f.probeFile(), pf)
+		if d := f.driver(t, pf); d != "" {
+			t.Fatalf("PF with VFs on %q after drivers_probe, want it refused", d)
+		}
+		if log := strings.Join(f.k.KernelLog(), "\n"); !strings.Contains(log, "vfio-pci "+pf+": Cannot bind to PF with SR-IOV enabled") {
+			t.Errorf("kernel log %q does not say why", log)
+		}
+		if err := f.write(t, f.driverFile("vfio-pci", "bind"), pf); !errors.Is(err, syscall.EBUSY) {
+			t.Errorf("bind of a PF with VFs: %v, want EBUSY", err)
+		}
+		if _, err := os.Stat(filepath.Join(f.dev, "vfio", "9")); err == nil {
+			t.Error("the refused PF got a group node")
+		}
+	})
+
+	t.Run("PF driver unbind removes the VFs", func(t *testing.T) {
+		f := setup(t, "ixgbe")
+		mustWrite(t, f, f.driverFile("ixgbe", "unbind"), pf)
+		for _, vf := range []string{vf0, vf1} {
+			if _, err := os.Lstat(filepath.Join(f.tree.Root, pci.BusDevicesDir, vf)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("VF %s still on the bus: %v", vf, err)
+			}
+			if entries, _ := filepath.Glob(filepath.Join(f.tree.Root, pci.BusDriversDir, "ixgbevf", vf)); len(entries) > 0 {
+				t.Errorf("ixgbevf still links %s", vf)
+			}
+		}
+		if links, _ := filepath.Glob(f.fs.DevicePath(mustAddr(t, pf), "virtfn*")); len(links) > 0 {
+			t.Errorf("PF keeps %v", links)
+		}
+		d, err := f.fs.Device(mustAddr(t, pf))
+		if err != nil || d.SRIOVNumVFs != 0 {
+			t.Fatalf("PF after unbind: %+v, %v; want sriov_numvfs 0", d, err)
+		}
+		// Without VFs vfio-pci takes it.
+		mustWrite(t, f, f.overrideFile(pf), "vfio-pci")
+		mustWrite(t, f, f.probeFile(), pf)
+		if d := f.driver(t, pf); d != "vfio-pci" {
+			t.Errorf("PF without VFs on %q, want vfio-pci", d)
+		}
+	})
+
+	t.Run("sriov_drivers_autoprobe", func(t *testing.T) {
+		f := setup(t, "ixgbe")
+		autoprobe := f.fs.DevicePath(mustAddr(t, pf), "sriov_drivers_autoprobe")
+		if data, err := os.ReadFile(autoprobe); err != nil || string(data) != "1\n" {
+			t.Fatalf("sriov_drivers_autoprobe = %q, %v; want the kernel's default 1", data, err)
+		}
+		mustWrite(t, f, f.driverFile("ixgbevf", "unbind"), vf0)
+		if err := os.WriteFile(autoprobe, []byte("0\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		mustWrite(t, f, f.probeFile(), vf0)
+		if d := f.driver(t, vf0); d != "" {
+			t.Errorf("VF probed to %q with autoprobe 0 and no override", d)
+		}
+		if err := f.write(t, f.driverFile("ixgbevf", "bind"), vf0); !errors.Is(err, syscall.ENODEV) {
+			t.Errorf("bind with autoprobe 0 and no override: %v, want ENODEV", err)
+		}
+		mustWrite(t, f, f.overrideFile(vf0), "ixgbevf")
+		mustWrite(t, f, f.probeFile(), vf0)
+		if d := f.driver(t, vf0); d != "ixgbevf" {
+			t.Errorf("VF with an override on %q, want ixgbevf", d)
+		}
+		mustWrite(t, f, f.driverFile("ixgbevf", "unbind"), vf0)
+		mustWrite(t, f, f.overrideFile(vf0), "\n")
+		if err := os.WriteFile(autoprobe, []byte("1\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		mustWrite(t, f, f.probeFile(), vf0)
+		if d := f.driver(t, vf0); d != "ixgbevf" {
+			t.Errorf("VF with autoprobe 1 on %q, want ixgbevf", d)
+		}
+	})
+}

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	drapb "k8s.io/kubelet/pkg/apis/dra/v1"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
@@ -148,6 +149,11 @@ func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, sta
 	}
 	if _, err := pcitest.NewServer(n.SysfsRoot); err != nil {
 		return nil, fmt.Errorf("lay out the demo server's sysfs: %w", err)
+	}
+	// What the host uses: root on the chipset's SATA disk, the default
+	// route on the SR-IOV PF; nothing the server offers.
+	if _, err := hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
+		return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
 	}
 	// The plugin's ResourceSlices are owned by the Node; it must exist first.
 	// A kubelet has registered its Node already.

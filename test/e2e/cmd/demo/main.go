@@ -151,7 +151,7 @@ func (d *demo) run(ctx context.Context) error {
 
 	d.heading("What the plugin sees on the node: one decision per PCI function")
 	inspectBin, _ := framework.DriverBinary("vfio-dra")
-	args := []string{"inspect", "--sysfs-root", d.node.SysfsRoot, "--node-name", nodeName, "--config", configFile}
+	args := []string{"inspect", "--sysfs-root", d.node.SysfsRoot, "--proc-root", d.node.ProcRoot, "--node-name", nodeName, "--config", configFile}
 	out, err := exec.CommandContext(ctx, inspectBin, args...).Output()
 	if err != nil {
 		return fmt.Errorf("vfio-dra %s: %w", strings.Join(args, " "), err)
