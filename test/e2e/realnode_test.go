@@ -20,7 +20,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/dynamic-resource-allocation/api/metadata"
-	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
 	"k8s.io/utils/ptr"
 
 	"github.com/vfio-dra/vfio-dra-driver/test/e2e/framework"
@@ -360,10 +359,25 @@ func metadataFile(logs, path string) (string, bool) {
 	return b.String(), true
 }
 
+// kubevirtMetadata is the part of a KEP-5304 metadata object that
+// virt-launcher reads (kubevirt/kubevirt pkg/dra/metadata mirrors v1alpha1).
+type kubevirtMetadata struct {
+	APIVersion string `json:"apiVersion"`
+	Metadata   struct {
+		Name string `json:"name"`
+	} `json:"metadata"`
+	Requests []struct {
+		Devices []struct {
+			Name       string                                                    `json:"name"`
+			Attributes map[resourceapi.QualifiedName]resourceapi.DeviceAttribute `json:"attributes"`
+		} `json:"devices"`
+	} `json:"requests"`
+}
+
 // checkMetadata checks the KEP-5304 metadata a container found for a
-// claim's request, the way virt-launcher reads it: the file at the
-// well-known path names the claim and, for each device, its pciBusID and
-// IOMMU group.
+// claim's request, the way virt-launcher reads it: in the file at the
+// well-known path, the first metadata.resource.k8s.io/v1alpha1 object names
+// the claim and, for each device, its pciBusID and IOMMU group.
 func checkMetadata(t *testing.T, logs, path, claimName string, wantDevices map[string]int64) {
 	t.Helper()
 	data, ok := metadataFile(logs, path)
@@ -371,13 +385,26 @@ func checkMetadata(t *testing.T, logs, path, claimName string, wantDevices map[s
 		t.Errorf("the container has no metadata file %s", path)
 		return
 	}
-	var md metadatav1beta1.DeviceMetadata
-	if err := json.Unmarshal([]byte(data), &md); err != nil {
-		t.Errorf("metadata file %s: %v:\n%s", path, err, data)
+	var md *kubevirtMetadata
+	var versions []string
+	dec := json.NewDecoder(strings.NewReader(data))
+	for dec.More() {
+		var obj kubevirtMetadata
+		if err := dec.Decode(&obj); err != nil {
+			t.Errorf("metadata file %s: %v:\n%s", path, err, data)
+			return
+		}
+		versions = append(versions, obj.APIVersion)
+		if obj.APIVersion == "metadata.resource.k8s.io/v1alpha1" && md == nil {
+			md = &obj
+		}
+	}
+	if md == nil {
+		t.Errorf("metadata file %s has no metadata.resource.k8s.io/v1alpha1 object (versions %v): virt-launcher cannot read it", path, versions)
 		return
 	}
-	if md.Name != claimName || len(md.Requests) != 1 {
-		t.Errorf("metadata file %s is for claim %q with %d requests, want %q with 1", path, md.Name, len(md.Requests), claimName)
+	if md.Metadata.Name != claimName || len(md.Requests) != 1 {
+		t.Errorf("metadata file %s is for claim %q with %d requests, want %q with 1", path, md.Metadata.Name, len(md.Requests), claimName)
 		return
 	}
 	got := map[string]int64{}
