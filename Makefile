@@ -3,7 +3,7 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 BIN ?= $(CURDIR)/bin
 
-.PHONY: all build test test-unit lint vet fmt-check demo e2e e2e-node test-vm clean
+.PHONY: all build test test-unit lint vet fmt-check demo e2e e2e-node test-vm bench clean
 
 all: build
 
@@ -15,6 +15,11 @@ test: lint test-unit e2e e2e-node test-vm
 
 test-unit:
 	$(GO) test -race -count=1 ./...
+
+## bench: benchmarks, each as a ratio against its floor measured in the same
+## process (not part of make test; docs/benchmarks.md records the figures).
+bench:
+	$(GO) test -run '^$$' -bench . -count 1 ./...
 
 vet:
 	$(GO) vet ./...

@@ -5,6 +5,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"time"
@@ -19,8 +20,10 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	"k8s.io/component-base/term"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
 
@@ -31,9 +34,15 @@ func main() {
 
 type options struct {
 	kubeconfig string
-	configFile string
-	cfg        plugin.Config
-	logging    *logsapi.LoggingConfiguration
+	// The client's rate limits: the kubelet prepares the claims of pods
+	// that start together at once, and each prepare GETs its claim.
+	kubeAPIQPS     float32
+	kubeAPIBurst   int
+	metricsAddress string
+	restConfig     *rest.Config
+	configFile     string
+	cfg            plugin.Config
+	logging        *logsapi.LoggingConfiguration
 }
 
 // newCommand returns the command and the options its flags fill in.
@@ -53,7 +62,9 @@ func newCommand() (*cobra.Command, *options) {
 			HealthInterval: plugin.DefaultHealthInterval,
 			BindTimeout:    10 * time.Second,
 		},
-		logging: logsapi.NewLoggingConfiguration(),
+		kubeAPIQPS:   50,
+		kubeAPIBurst: 100,
+		logging:      logsapi.NewLoggingConfiguration(),
 	}
 	cmd := &cobra.Command{
 		Use:          "vfio-kubelet-plugin",
@@ -71,6 +82,19 @@ func newCommand() (*cobra.Command, *options) {
 			// the gRPC services down and remove the sockets.
 			ctx, stop := signal.NotifyContext(cmd.Context(), unix.SIGTERM, unix.SIGINT)
 			defer stop()
+			if o.metricsAddress != "" {
+				// Listen here, so that a taken port fails the start.
+				ln, err := net.Listen("tcp", o.metricsAddress)
+				if err != nil {
+					return fmt.Errorf("metrics bind address: %w", err)
+				}
+				o.cfg.Metrics = metrics.New()
+				go func() {
+					if err := o.cfg.Metrics.Serve(ctx, ln); err != nil {
+						klog.FromContext(ctx).Error(err, "Serving metrics failed")
+					}
+				}()
+			}
 			return plugin.Run(ctx, o.cfg)
 		},
 	}
@@ -80,6 +104,9 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "Kubeconfig file; empty uses the in-cluster configuration.")
 	fs.StringVar(&o.cfg.NodeName, "node-name", o.cfg.NodeName, "Name of this node (default from $NODE_NAME).")
 	fs.StringVar(&o.cfg.DriverName, "driver-name", o.cfg.DriverName, "DRA driver name.")
+	fs.Float32Var(&o.kubeAPIQPS, "kube-api-qps", o.kubeAPIQPS, "Queries per second to the API server, on average.")
+	fs.IntVar(&o.kubeAPIBurst, "kube-api-burst", o.kubeAPIBurst, "Queries to the API server in a burst above --kube-api-qps.")
+	fs.StringVar(&o.metricsAddress, "metrics-bind-address", o.metricsAddress, "host:port for /metrics, /healthz and /readyz (e.g. :9400); empty serves none.")
 
 	fs = fss.FlagSet("node")
 	fs.StringVar(&o.cfg.SysfsRoot, "sysfs-root", o.cfg.SysfsRoot, "Where the host's /sys is mounted.")
@@ -134,6 +161,11 @@ func (o *options) complete() error {
 	if err != nil {
 		return fmt.Errorf("client configuration: %w", err)
 	}
+	if o.kubeAPIQPS <= 0 || o.kubeAPIBurst <= 0 {
+		return fmt.Errorf("--kube-api-qps (%v) and --kube-api-burst (%d) must be positive", o.kubeAPIQPS, o.kubeAPIBurst)
+	}
+	restConfig.QPS, restConfig.Burst = o.kubeAPIQPS, o.kubeAPIBurst
+	o.restConfig = restConfig
 	o.cfg.KubeClient, err = kubernetes.NewForConfig(restConfig)
 	return err
 }

@@ -138,6 +138,40 @@ func TestRealMachines(t *testing.T) {
 				"0000:02:00.0": "not allowed by configuration",
 			},
 		},
+		// An Alder Lake-S desktop: PCH platform functions, a GPU behind
+		// its own switch, a second GPU pre-bound to vfio-pci and free.
+		"adl": {
+			machine: "adl",
+			host:    func(*testing.T) *inventory.HostUse { return &inventory.HostUse{} },
+			want: map[string]string{
+				"0000:00:00.0": hostBr,
+				"0000:00:01.0": rootPort, "0000:00:01.1": rootPort, "0000:00:06.0": rootPort,
+				"0000:00:02.0": "boot VGA device: the host console",        // UHD graphics
+				"0000:00:0a.0": "platform: platform telemetry (intel-pmt)", // PMT, class 1180
+				"0000:00:0e.0": offer,                                      // VMD, no NVMe behind it in the capture
+				"0000:00:14.0": "IOMMU group 7: member 0000:00:14.2 is not offered (platform: memory controller (class 050000))",
+				"0000:00:14.2": "platform: memory controller (class 050000)", // shared SRAM
+				"0000:00:15.0": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.1": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.2": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:16.0": "platform: management engine (mei_me)",
+				"0000:00:17.0": offer, // SATA
+				"0000:00:1a.0": rootPort, "0000:00:1b.0": rootPort, "0000:00:1c.0": rootPort, "0000:00:1c.2": rootPort,
+				"0000:00:1c.3": rootPort, "0000:00:1c.4": rootPort, "0000:00:1d.0": rootPort,
+				"0000:00:1f.0": isaBr,
+				"0000:00:1f.3": "IOMMU group 18: member 0000:00:1f.0 is not offered (" + isaBr + ")", // HD audio
+				"0000:00:1f.4": "platform: SMBus controller (class 0c0500)",
+				"0000:00:1f.5": "IOMMU group 18: member 0000:00:1f.0 is not offered (" + isaBr + ")", // SPI, no driver
+				"0000:01:00.0": rootPort, "0000:02:00.0": rootPort,                                   // the Navi's switch ports
+				"0000:03:00.0": offer, "0000:03:00.1": offer, // RX 6700 XT and its audio, a group each
+				"0000:04:00.0": offer, "0000:04:00.1": offer, // RX 560 pre-bound to vfio-pci, free
+				"0000:05:00.0": offer, "0000:06:00.0": offer, // NVMe
+				"0000:08:00.0": offer, "0000:09:00.0": offer, "0000:0a:00.0": offer, // AQC, AX210, I225
+				"0000:0b:00.0": rootPort, "0000:0c:00.0": rootPort, "0000:0c:01.0": rootPort, "0000:0c:02.0": rootPort, "0000:0c:03.0": rootPort,
+				"0000:0d:00.0": offer, // Thunderbolt NHI
+				"0000:41:00.0": offer, // Thunderbolt xHCI
+			},
+		},
 		// An Atom C3000 storage server, nothing of it in use.
 		"nas": {
 			machine: "nas",
