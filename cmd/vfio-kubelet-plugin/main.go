@@ -4,10 +4,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -23,6 +26,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/healthcheck"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
@@ -36,13 +40,14 @@ type options struct {
 	kubeconfig string
 	// The client's rate limits: the kubelet prepares the claims of pods
 	// that start together at once, and each prepare GETs its claim.
-	kubeAPIQPS     float32
-	kubeAPIBurst   int
-	metricsAddress string
-	restConfig     *rest.Config
-	configFile     string
-	cfg            plugin.Config
-	logging        *logsapi.LoggingConfiguration
+	kubeAPIQPS      float32
+	kubeAPIBurst    int
+	metricsAddress  string
+	healthcheckPort int
+	restConfig      *rest.Config
+	configFile      string
+	cfg             plugin.Config
+	logging         *logsapi.LoggingConfiguration
 }
 
 // newCommand returns the command and the options its flags fill in.
@@ -95,6 +100,11 @@ func newCommand() (*cobra.Command, *options) {
 					}
 				}()
 			}
+			if o.healthcheckPort >= 0 {
+				if err := o.serveHealthchecks(ctx); err != nil {
+					return err
+				}
+			}
 			return plugin.Run(ctx, o.cfg)
 		},
 	}
@@ -121,6 +131,7 @@ func newCommand() (*cobra.Command, *options) {
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
 	fs.DurationVar(&o.cfg.HealthInterval, "health-interval", o.cfg.HealthInterval, "How often to check device health cheaply (device and driver links, AER counters) and report it to the kubelet; config space and reset methods are checked at each rescan.")
 	fs.DurationVar(&o.cfg.BindTimeout, "bind-timeout", o.cfg.BindTimeout, "Bound of each step of binding and giving back a function: one sysfs write, or the wait for its effect (driver link, VFIO device node).")
+	fs.IntVar(&o.healthcheckPort, "healthcheck-port", -1, "TCP port of a grpc.health.v1 service for a liveness probe; it checks that the plugin answers on its kubelet sockets. Negative disables it.")
 
 	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
 	for _, f := range fss.FlagSets {
@@ -138,6 +149,25 @@ func modulesAlias() string {
 		return ""
 	}
 	return "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/modules.alias"
+}
+
+// serveHealthchecks listens on the health check port and answers there
+// until ctx is done. A port that cannot be had fails the start.
+func (o *options) serveHealthchecks(ctx context.Context) error {
+	l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(o.healthcheckPort)))
+	if err != nil {
+		return fmt.Errorf("health check port: %w", err)
+	}
+	sockets := healthcheck.Sockets{
+		Registration: filepath.Join(o.cfg.RegistrarDir, o.cfg.DriverName+"-reg.sock"),
+		DRA:          filepath.Join(o.cfg.PluginDataDir, "dra.sock"),
+	}
+	go func() {
+		if err := healthcheck.Serve(ctx, l, sockets); err != nil {
+			klog.FromContext(ctx).Error(err, "Health checks are no longer answered")
+		}
+	}()
+	return nil
 }
 
 func (o *options) complete() error {
