@@ -41,7 +41,8 @@ type VfioConfig struct {
 
 	// Driver is the driver the IOMMU group is bound to: "vfio-pci"
 	// (default), "auto", or the name of a vfio variant driver such as
-	// "mlx5_vfio_pci", which must be loaded. DeviceClass only.
+	// "mlx5_vfio_pci", which must be loaded. Never a host driver: a name
+	// without "vfio" and then "pci" in it is refused. DeviceClass only.
 	// +optional
 	Driver string `json:"driver,omitempty"`
 
@@ -63,6 +64,14 @@ type VfioConfig struct {
 // a path element, so no dots.
 var kernelDriverName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
+// vfioDriverName is what a vfio variant driver is called: its module is
+// named *vfio*pci* (mlx5_vfio_pci, hisi_acc_vfio_pci, nvgrace_gpu_vfio_pci,
+// virtio_vfio_pci ...), and the driver after its module, with underscores
+// or dashes. The name becomes a sysfs path element, so no dots or slashes.
+// A host driver (nvme, mlx5_core, i40e) never matches: binding a group to
+// one would hand the devices to the host instead of to VFIO.
+var vfioDriverName = regexp.MustCompile(`^[A-Za-z0-9_-]*vfio[A-Za-z0-9_-]*pci[A-Za-z0-9_-]*$`)
+
 // Validate checks the fields. fromClaim is true for configuration that
 // came from a ResourceClaim: it may not set the administrator's fields.
 func (c *VfioConfig) Validate(fromClaim bool) field.ErrorList {
@@ -73,8 +82,9 @@ func (c *VfioConfig) Validate(fromClaim bool) field.ErrorList {
 	if c.Kind != VfioConfigKind {
 		errs = append(errs, field.NotSupported(field.NewPath("kind"), c.Kind, []string{VfioConfigKind}))
 	}
-	if c.Driver != "" && c.Driver != DriverAuto && !kernelDriverName.MatchString(c.Driver) {
-		errs = append(errs, field.Invalid(field.NewPath("driver"), c.Driver, `must be "vfio-pci", "auto" or a kernel driver name`))
+	if c.Driver != "" && c.Driver != DriverAuto && (len(c.Driver) > 64 || !vfioDriverName.MatchString(c.Driver)) {
+		errs = append(errs, field.Invalid(field.NewPath("driver"), c.Driver,
+			`must be "vfio-pci", "auto" or a vfio variant driver such as mlx5_vfio_pci, never a host driver`))
 	}
 	if fromClaim {
 		const why = "only a DeviceClass may set this: it decides what the host gives up"

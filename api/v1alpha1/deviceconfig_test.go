@@ -42,6 +42,34 @@ func TestDecodeVfioConfig(t *testing.T) {
 			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"vfio pci"}`,
 			wantErr: []string{"driver: Invalid value"},
 		},
+		"host driver": {
+			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"nvme"}`,
+			wantErr: []string{"driver: Invalid value", "never a host driver"},
+		},
+		"host driver of a NIC": {
+			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"mlx5_core"}`,
+			wantErr: []string{"driver: Invalid value"},
+		},
+		"pci-stub is no VFIO driver": {
+			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"pci-stub"}`,
+			wantErr: []string{"driver: Invalid value"},
+		},
+		"path in the name": {
+			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"../vfio-pci"}`,
+			wantErr: []string{"driver: Invalid value"},
+		},
+		"vfio-pci": {
+			data: `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"vfio-pci"}`,
+			want: &VfioConfig{Driver: "vfio-pci"},
+		},
+		"variant with underscores": {
+			data: `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"nvgrace_gpu_vfio_pci"}`,
+			want: &VfioConfig{Driver: "nvgrace_gpu_vfio_pci"},
+		},
+		"variant with dashes": {
+			data: `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","driver":"hisi-acc-vfio-pci"}`,
+			want: &VfioConfig{Driver: "hisi-acc-vfio-pci"},
+		},
 		"wrong type": {
 			data:    `{"apiVersion":"vfio.dra.dev/v1alpha1","kind":"VfioConfig","iommufd":"yes"}`,
 			wantErr: []string{"iommufd"},

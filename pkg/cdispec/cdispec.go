@@ -47,6 +47,18 @@ func SpecFileName(driverName, claimUID string) string {
 	return cdi.GenerateTransientSpecName(Vendor(driverName), Class, claimUID) + ".json"
 }
 
+// ClaimOfSpecFile returns the claim UID of a file name that SpecFileName
+// made for driverName, and false for any other name.
+func ClaimOfSpecFile(driverName, name string) (string, bool) {
+	prefix := strings.TrimSuffix(SpecFileName(driverName, ""), ".json")
+	uid, ok := strings.CutPrefix(name, prefix)
+	if !ok {
+		return "", false
+	}
+	uid, ok = strings.CutSuffix(uid, ".json")
+	return uid, ok && validUID(uid) == nil
+}
+
 // EnvName returns the variable name for a per-request list: the prefix, "_",
 // and the request name upper-cased with every character other than an ASCII
 // letter or digit replaced by "_".

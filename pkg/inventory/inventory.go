@@ -205,6 +205,7 @@ var platformDrivers = map[string]string{
 	"proc_thermal_pci":  "processor thermal",
 	"proc_thermal":      "processor thermal",
 	"intel_vsec":        "platform telemetry",
+	"intel-pmt":         "platform telemetry",
 }
 
 // platformReason names the built-in rule that keeps one of the platform's

@@ -1,6 +1,7 @@
 package inventory_test
 
 import (
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -137,6 +138,40 @@ func TestRealMachines(t *testing.T) {
 				"0000:02:00.0": "not allowed by configuration",
 			},
 		},
+		// An Alder Lake-S desktop: PCH platform functions, a GPU behind
+		// its own switch, a second GPU pre-bound to vfio-pci and free.
+		"adl": {
+			machine: "adl",
+			host:    func(*testing.T) *inventory.HostUse { return &inventory.HostUse{} },
+			want: map[string]string{
+				"0000:00:00.0": hostBr,
+				"0000:00:01.0": rootPort, "0000:00:01.1": rootPort, "0000:00:06.0": rootPort,
+				"0000:00:02.0": "boot VGA device: the host console",        // UHD graphics
+				"0000:00:0a.0": "platform: platform telemetry (intel-pmt)", // PMT, class 1180
+				"0000:00:0e.0": offer,                                      // VMD, no NVMe behind it in the capture
+				"0000:00:14.0": "IOMMU group 7: member 0000:00:14.2 is not offered (platform: memory controller (class 050000))",
+				"0000:00:14.2": "platform: memory controller (class 050000)", // shared SRAM
+				"0000:00:15.0": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.1": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.2": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:16.0": "platform: management engine (mei_me)",
+				"0000:00:17.0": offer, // SATA
+				"0000:00:1a.0": rootPort, "0000:00:1b.0": rootPort, "0000:00:1c.0": rootPort, "0000:00:1c.2": rootPort,
+				"0000:00:1c.3": rootPort, "0000:00:1c.4": rootPort, "0000:00:1d.0": rootPort,
+				"0000:00:1f.0": isaBr,
+				"0000:00:1f.3": "IOMMU group 18: member 0000:00:1f.0 is not offered (" + isaBr + ")", // HD audio
+				"0000:00:1f.4": "platform: SMBus controller (class 0c0500)",
+				"0000:00:1f.5": "IOMMU group 18: member 0000:00:1f.0 is not offered (" + isaBr + ")", // SPI, no driver
+				"0000:01:00.0": rootPort, "0000:02:00.0": rootPort,                                   // the Navi's switch ports
+				"0000:03:00.0": offer, "0000:03:00.1": offer, // RX 6700 XT and its audio, a group each
+				"0000:04:00.0": offer, "0000:04:00.1": offer, // RX 560 pre-bound to vfio-pci, free
+				"0000:05:00.0": offer, "0000:06:00.0": offer, // NVMe
+				"0000:08:00.0": offer, "0000:09:00.0": offer, "0000:0a:00.0": offer, // AQC, AX210, I225
+				"0000:0b:00.0": rootPort, "0000:0c:00.0": rootPort, "0000:0c:01.0": rootPort, "0000:0c:02.0": rootPort, "0000:0c:03.0": rootPort,
+				"0000:0d:00.0": offer, // Thunderbolt NHI
+				"0000:41:00.0": offer, // Thunderbolt xHCI
+			},
+		},
 		// An Atom C3000 storage server, nothing of it in use.
 		"nas": {
 			machine: "nas",
@@ -185,5 +220,88 @@ func TestRealMachines(t *testing.T) {
 				t.Errorf("decisions (-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// TestRealMachineSapphireRapids: a 2-socket Sapphire Rapids server with 483
+// functions, most of them CPU uncore registers. What anyone would pass
+// through is offered: 8 QAT, 8 DLB, 8 DSA, 8 IAA, the I225 NIC, the SATA
+// controller (nothing of the host view uses it here) and one PCH function
+// with a BAR whose purpose the capture does not tell.
+func TestRealMachineSapphireRapids(t *testing.T) {
+	const noBAR = "platform: no memory or I/O BAR in resource, nothing to pass through (registers in config space only, like CPU uncore functions)"
+	// By device ID: what the function is decides.
+	byID := map[string]string{
+		"0b23": "platform: root complex event collector (class 080700)", // one per IIO stack, on pcieport
+		"09a2": noBAR, "09a3": noBAR, "09a4": noBAR, "09a6": noBAR,      // IIO memory map/VT-d, RAS, mesh, OOBMSM
+		"3240": noBAR, "3241": noBAR, "3242": noBAR, "3245": noBAR, "3246": noBAR, "3247": noBAR, // UPI
+		"324c": noBAR, "324d": noBAR, // CHA, 128 of each
+		"3250": noBAR, "3251": noBAR, "3252": noBAR, "3255": noBAR, // PCU (3251 on isst_if_pci)
+		"3258": noBAR, "3259": noBAR, "325a": noBAR, "325b": noBAR, "325c": noBAR, "325d": noBAR, "325e": noBAR, "325f": noBAR, // Ubox, M2M
+		"344f": noBAR, "3457": noBAR,
+		"2880": "platform: performance counters (class 110100)",
+		"324a": "platform: performance counters (class 110100)",
+		"0998": hostBr, "1bfe": hostBr, // integrated error handler, PCH host bridge
+		"09a7": "platform: platform telemetry (intel_vsec)",
+		"0b25": offer, "0cfe": offer, // DSA, IAA on idxd
+		"4940": offer,                                        // QAT on 4xxx
+		"2710": offer,                                        // DLB, no in-tree driver
+		"1bbd": rootPort, "1bbf": rootPort, "1150": rootPort, // PCH root ports, ASPEED bridge
+		"15f2": offer, // I225-LM
+		"2000": "boot VGA device: the host console",
+		"1ba2": offer,                                                                                             // SATA, alone in its group
+		"1bff": offer,                                                                                             // PCH function 00:15.0 with a BAR and no driver
+		"1bce": "platform: memory controller (class 050000)",                                                      // PCH shared SRAM
+		"1bcd": "IOMMU group 57: member 0000:00:14.2 is not offered (platform: memory controller (class 050000))", // xHCI
+		"1be0": "platform: management engine (mei_me)",
+		"1be4": "platform: management engine (mei_me)",
+		"1be1": "platform: management engine (class 078000 on a root bus)", // IDE-R
+		"1b81": isaBr,
+		"1bc8": "IOMMU group 62: member 0000:00:1f.0 is not offered (" + isaBr + ")", // HD audio
+		"1bc9": "platform: SMBus controller (class 0c0500)",
+		"1bca": "IOMMU group 62: member 0000:00:1f.0 is not offered (" + isaBr + ")", // SPI
+	}
+	inv := scanMachine(t, "spr", nil, &inventory.HostUse{})
+	if len(inv.Decisions) != 483 {
+		t.Fatalf("%d functions, want the capture's 483", len(inv.Decisions))
+	}
+	n := 0
+	for _, d := range inv.Decisions {
+		id := fmt.Sprintf("%04x", d.Device.DeviceID)
+		want, ok := byID[id]
+		if !ok {
+			t.Errorf("%s: device %s has no expected decision", d.Device.Address, id)
+			continue
+		}
+		if d.Reason != want {
+			t.Errorf("%s (%s): %q, want %q", d.Device.Address, id, d.Reason, want)
+		}
+		if d.Offered {
+			n++
+		}
+	}
+	if n != 35 {
+		t.Errorf("%d offered, want 35 (32 accelerators, the NIC, the SATA controller, 00:15.0)", n)
+	}
+}
+
+// TestRealMachineHGX: an HGX H100 system. The NVSwitches are class 0680
+// ("other bridge") but endpoints (header type 0): offered, as NVLink
+// passthrough needs, beside the eight GPUs.
+func TestRealMachineHGX(t *testing.T) {
+	inv := scanMachine(t, "hgx", nil, &inventory.HostUse{})
+	for _, d := range inv.Decisions {
+		if !d.Offered {
+			t.Errorf("%s (%04x:%04x): %q, want offered", d.Device.Address, d.Device.VendorID, d.Device.DeviceID, d.Reason)
+		}
+	}
+	if len(inv.Offered()) != 12 {
+		t.Errorf("%d offered, want 8 GPUs and 4 NVSwitches", len(inv.Offered()))
+	}
+	// Two GPUs that share group 29 are offered together, as one group.
+	for _, d := range inv.Decisions {
+		if d.Device.Address.String() == "0000:11:00.0" && len(d.GroupMembers) != 2 {
+			t.Errorf("group of 0000:11:00.0: %v, want both GPUs", d.GroupMembers)
+		}
 	}
 }

@@ -63,6 +63,12 @@ type Config struct {
 	// drivers_probe); nil writes the files under SysfsRoot directly
 	// (vfio.OSWriter). Tests put a kernel emulator here.
 	SysfsWriter vfio.Writer
+	// WriteHook, when set, is called before and after each checkpoint and
+	// CDI spec write of prepare and unprepare with one of the Event*
+	// constants; an error stops the write (before) or fails the step
+	// (after). Tests stop the plugin at every such point with it, as a
+	// crash would; nil in production.
+	WriteHook func(event string) error
 	// BindTimeout bounds each wait for sysfs or /dev to show the effect of
 	// a write; zero selects the vfio package's default.
 	BindTimeout time.Duration

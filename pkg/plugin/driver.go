@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,6 +123,9 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err := d.rollBackUnfinished(ctx); err != nil {
 		return nil, err
 	}
+	if err := d.removeOrphans(ctx); err != nil {
+		return nil, err
+	}
 	d.backgroundCtx, d.stopBackground = context.WithCancel(context.WithoutCancel(ctx))
 	d.background.Go(func() { d.retryRollbacks(d.backgroundCtx) })
 	if !fs.DriverLoaded("vfio-pci") {
@@ -208,6 +212,9 @@ func (d *Driver) Wait(ctx context.Context) error {
 // published last. It reports whether it published.
 func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	logger := klog.FromContext(ctx)
+	if err := d.removeOrphans(ctx); err != nil {
+		logger.Error(err, "Removing CDI specs and device metadata that no claim owns")
+	}
 	inv, host, v, err := d.scan(ctx)
 	if err != nil {
 		return false, err
@@ -324,6 +331,73 @@ func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, *inventory.Hos
 		return nil, nil, verdict{}, err
 	}
 	return inv, host, d.judge(ctx, inv, cp, true), nil
+}
+
+// metadataDir is where the kubeletplugin helper keeps the KEP-5304
+// metadata files of claims, in the plugin data directory: one directory
+// <namespace>_<name> per claim.
+const metadataDir = "dra-device-metadata"
+
+// removeOrphans removes this driver's CDI specs, the helper's device
+// metadata specs (<driver>_metadata_<uid>_<request>.json) and metadata
+// directories that no checkpointed claim owns: what a reboot left behind
+// (a persistent /var/run/cdi), or an earlier version, or a hand-edited
+// checkpoint. The checkpoint is written before any of them, so a claim
+// being prepared owns its files already.
+func (d *Driver) removeOrphans(ctx context.Context) error {
+	d.claimMu.Lock()
+	defer d.claimMu.Unlock()
+	// Files first, then the checkpoint: a file listed belongs to a claim
+	// whose entry was written before it, so the entry is seen too.
+	var errs []error
+	entries, err := os.ReadDir(d.cfg.CDIRoot)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	dirs, err := os.ReadDir(filepath.Join(d.cfg.PluginDataDir, metadataDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	cp, err := d.store.Get()
+	if err != nil {
+		return err
+	}
+	names := map[string]bool{}
+	for _, c := range cp.Claims {
+		names[c.Namespace+"_"+c.Name] = true
+	}
+	logger := klog.FromContext(ctx)
+	metadataPrefix := d.cfg.DriverName + "_metadata_"
+	for _, e := range entries {
+		if uid, ok := cdispec.ClaimOfSpecFile(d.cfg.DriverName, e.Name()); ok {
+			if cp.Claims[uid] == nil {
+				logger.Info("Removing a CDI spec that no claim owns", "path", filepath.Join(d.cfg.CDIRoot, e.Name()))
+				errs = append(errs, d.cdi.RemoveClaim(uid))
+			}
+			continue
+		}
+		rest, ok := strings.CutPrefix(e.Name(), metadataPrefix)
+		uid, _, found := strings.Cut(rest, "_")
+		if !ok || !found || !strings.HasSuffix(rest, ".json") || cp.Claims[uid] != nil {
+			continue
+		}
+		path := filepath.Join(d.cfg.CDIRoot, e.Name())
+		logger.Info("Removing a device metadata spec that no claim owns", "path", path)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for _, e := range dirs {
+		if !e.IsDir() || names[e.Name()] {
+			continue
+		}
+		path := filepath.Join(d.cfg.PluginDataDir, metadataDir, e.Name())
+		logger.Info("Removing device metadata that no claim owns", "path", path)
+		if err := os.RemoveAll(path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkpointFile is the checkpoint's name in the plugin data directory.

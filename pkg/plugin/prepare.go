@@ -78,13 +78,16 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 				return d.completed(ctx, uid, prev)
 			}
 			// An unprepare that failed half way gave some functions
-			// back already: the claim is no longer what it was.
-			logger.Info("Prepared claim lost some of its functions, preparing it again")
-		} else {
-			// A prepare that did not finish (crash, or a rollback that
-			// failed): undo what it did, then start over.
-			logger.Info("Rolling back an unfinished prepare")
+			// back already, or one was hot-removed and came back.
+			logger.Info("Prepared claim lost some of its functions, binding them again; the others stay as they are")
+			if err := d.repair(context.WithoutCancel(ctx), uid, prev); err != nil {
+				return nil, fmt.Errorf("bind the functions the prepared claim lost: %w", err)
+			}
+			return d.completed(ctx, uid, prev)
 		}
+		// A prepare that did not finish (crash, or a rollback that
+		// failed): undo what it did, then start over.
+		logger.Info("Rolling back an unfinished prepare")
 		if err := d.unprepareClaim(ctx, uid); err != nil {
 			return nil, fmt.Errorf("roll back the unfinished prepare: %w", err)
 		}
@@ -98,7 +101,7 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 		return nil, err
 	}
 	// Write ahead: the original drivers are on disk before sysfs changes.
-	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	if err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		cp.Claims[uid] = p
 		return nil
 	}); err != nil {
@@ -111,7 +114,7 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 	ctx = context.WithoutCancel(ctx)
 	devices, specName, err := d.apply(ctx, uid, p)
 	if err == nil {
-		err = d.store.Update(func(cp *checkpoint.Checkpoint) error {
+		err = d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 			c := cp.Claims[uid]
 			c.State, c.Devices, c.CDISpec = checkpoint.PrepareCompleted, devices, specName
 			return nil
@@ -133,24 +136,58 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 // apply binds the planned groups and writes the CDI spec. It returns the
 // claim's devices with their CDI IDs.
 func (d *Driver) apply(ctx context.Context, uid string, p *checkpoint.Claim) ([]checkpoint.Device, string, error) {
-	logger := klog.FromContext(ctx)
 	for _, g := range p.Groups {
-		// An iommufd user opens the functions' cdevs, never the group
-		// node, which a kernel without CONFIG_VFIO_GROUP does not make.
-		waitFor := vfio.WaitGroupNode
-		if g.IOMMUFD {
-			waitFor = vfio.WaitDeviceCDevs
+		if err := d.bindGroup(ctx, p, g); err != nil {
+			return nil, "", err
 		}
-		if err := d.binder.BindFor(ctx, g.Number, originals(g.Members), g.Target, waitFor); err != nil {
-			var step *vfio.StepError
-			if errors.As(err, &step) && step.Address != "" {
-				return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)
-			}
-			return nil, "", fmt.Errorf("device %s (IOMMU group %d): %w", devicesOfGroup(p, g.Number), g.Number, err)
-		}
-		logger.V(2).Info("Bound IOMMU group", "iommuGroup", g.Number, "driver", g.Target, "functions", len(g.Members))
 	}
 	return d.writeSpec(uid, p)
+}
+
+// bindGroup binds every planned member of g that is not on its target yet;
+// members already there get no write. Then it reads the group again: a
+// function that joined it meanwhile (hot-added) is not in the plan, would
+// be handed to the claim's user with the group, and fails the call.
+func (d *Driver) bindGroup(ctx context.Context, p *checkpoint.Claim, g checkpoint.Group) error {
+	// An iommufd user opens the functions' cdevs, never the group node,
+	// which a kernel without CONFIG_VFIO_GROUP does not make.
+	waitFor := vfio.WaitGroupNode
+	if g.IOMMUFD {
+		waitFor = vfio.WaitDeviceCDevs
+	}
+	if err := d.binder.BindFor(ctx, g.Number, originals(g.Members), g.Target, waitFor); err != nil {
+		var step *vfio.StepError
+		if errors.As(err, &step) && step.Address != "" {
+			return fmt.Errorf("device %s (IOMMU group %d): %w", deviceOf(p, step.Address), g.Number, err)
+		}
+		return fmt.Errorf("device %s (IOMMU group %d): %w", devicesOfGroup(p, g.Number), g.Number, err)
+	}
+	endpoints, err := vfio.GroupEndpoints(d.fs, g.Number)
+	if err != nil {
+		return fmt.Errorf("device %s: IOMMU group %d after binding: %w", devicesOfGroup(p, g.Number), g.Number, err)
+	}
+	for _, a := range endpoints {
+		if !slices.ContainsFunc(g.Members, func(m checkpoint.Member) bool { return m.Address == a.String() }) {
+			return fmt.Errorf("device %s: PCI function %s joined IOMMU group %d while it was being bound (hot-added); the group is not what was planned",
+				devicesOfGroup(p, g.Number), a, g.Number)
+		}
+	}
+	klog.FromContext(ctx).V(2).Info("Bound IOMMU group", "iommuGroup", g.Number, "driver", g.Target, "functions", len(g.Members))
+	return nil
+}
+
+// repair binds again the functions that a prepared claim lost (an
+// unprepare that failed half way, a function hot-removed that came back),
+// without unbinding the ones still bound: a VM may be using them. The CDI
+// spec is written again, since a rebound function may have another cdev.
+func (d *Driver) repair(ctx context.Context, uid string, c *checkpoint.Claim) error {
+	for _, g := range c.Groups {
+		if err := d.bindGroup(ctx, c, g); err != nil {
+			return err
+		}
+	}
+	_, _, err := d.writeSpec(uid, c)
+	return err
 }
 
 // writeSpec writes the CDI spec of a claim whose groups are bound.
@@ -203,7 +240,7 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 			Request: resourceclaim.BaseRequestRef(dev.Requests[0]), Name: dev.Device, PCIAddress: dev.PCIAddress, Group: byGroup[dev.IOMMUGroup],
 		})
 	}
-	specName, ids, err := d.cdi.WriteClaim(spec)
+	specName, ids, err := d.writeCDISpec(spec)
 	if err != nil {
 		return nil, "", fmt.Errorf("write CDI spec: %w", err)
 	}
@@ -313,7 +350,7 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 			d.recordFailure(ctx, uid, err)
 		}
 	}()
-	if err := d.cdi.RemoveClaim(uid); err != nil {
+	if err := d.removeCDISpec(uid); err != nil {
 		return fmt.Errorf("remove CDI spec: %w", err)
 	}
 	cp, err := d.store.Get()
@@ -346,7 +383,7 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 		// Keep the claim so that the kubelet's retry finishes the job.
 		return err
 	}
-	if err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	if err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		delete(cp.Claims, uid)
 		return nil
 	}); err != nil {
@@ -364,7 +401,7 @@ var errNoEntry = errors.New("no checkpoint entry")
 // not finish retried in the background.
 func (d *Driver) recordFailure(ctx context.Context, uid string, failure error) {
 	started := false
-	err := d.store.Update(func(cp *checkpoint.Checkpoint) error {
+	err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {
 		c := cp.Claims[uid]
 		if c == nil {
 			return errNoEntry

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -18,9 +19,11 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/cdispec"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -45,33 +48,97 @@ func TestAdminAccessIsRefused(t *testing.T) {
 	}
 }
 
-// A prepared claim whose functions were given back behind its back (an
-// unprepare that failed half way) is prepared again, not reported ready.
-func TestPreparedClaimThatLostItsGroupIsPreparedAgain(t *testing.T) {
+// A prepared claim that lost a function (an unprepare that failed half
+// way, while a VM holds the group) is repaired by binding what is missing:
+// the functions still bound get no write and the VM keeps the group.
+func TestPreparedClaimThatLostAFunctionIsRepaired(t *testing.T) {
 	t.Parallel()
 	_, ctx := ktesting.NewTestContext(t)
 	n := newNode(t)
 	n.start(ctx, t)
-	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")})
+	const gpu, gpuAudio = "0000:01:00.0", "0000:01:00.1"
+	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", gpu)})
 	first := n.mustPrepare(ctx, t, claim)
-
-	// The audio function went back to its driver.
-	binder := vfio.NewBinder(n.fs, n.cfg.DevRoot, vfio.Options{Writer: n.kernel})
-	if err := binder.Restore(ctx, []vfio.Original{{Address: "0000:01:00.1", Driver: "snd_hda_intel"}}, "vfio-pci"); err != nil {
+	if err := n.kernel.SetGroupOwned(2, true); err != nil {
 		t.Fatal(err)
 	}
+	// The unprepare got the audio function off vfio-pci, then its host
+	// driver could not bind (the VM still holds the group).
+	if err := n.kernel.WriteFile(n.fs.Path(pci.BusDriversDir, "vfio-pci", "unbind"), []byte(gpuAudio)); err != nil {
+		t.Fatal(err)
+	}
+	writes := len(n.kernel.Writes())
 	again := n.mustPrepare(ctx, t, claim)
-	if got := n.driverOf(t, "0000:01:00.1"); got != "vfio-pci" {
-		t.Errorf("audio function is on %q after the second prepare, want vfio-pci", got)
+	if got := n.driverOf(t, gpuAudio); got != "vfio-pci" {
+		t.Errorf("audio function is on %q after the repair, want vfio-pci", got)
+	}
+	if w := writesFor(n.writesSince(writes), gpu); len(w) > 0 {
+		t.Errorf("the repair wrote for the GPU, which stayed bound: %q", w)
+	}
+	if !n.kernel.GroupOwned(2) {
+		t.Error("the VM lost the group during the repair")
 	}
 	if first[0].CdiDeviceIds[0] != again[0].CdiDeviceIds[0] {
 		t.Errorf("CDI IDs changed: %v, then %v", first[0].CdiDeviceIds, again[0].CdiDeviceIds)
 	}
+	if err := n.kernel.SetGroupOwned(2, false); err != nil {
+		t.Fatal(err)
+	}
 	n.mustUnprepare(ctx, t, claimRef(claim))
-	for addr, want := range map[string]string{"0000:01:00.0": "nvidia", "0000:01:00.1": "snd_hda_intel"} {
+	for addr, want := range map[string]string{gpu: "nvidia", gpuAudio: "snd_hda_intel"} {
 		if got := n.driverOf(t, addr); got != want {
 			t.Errorf("%s on %q after unprepare, want %s", addr, got, want)
 		}
+	}
+}
+
+// hotAddWriter passes writes to the kernel and, after the first probe,
+// runs hotAdd once: a function joins a group while it is being bound.
+type hotAddWriter struct {
+	k      *pcitest.Kernel
+	once   sync.Once
+	hotAdd func()
+}
+
+func (w *hotAddWriter) WriteFile(path string, data []byte) error {
+	err := w.k.WriteFile(path, data)
+	if filepath.Base(path) == "drivers_probe" {
+		w.once.Do(w.hotAdd)
+	}
+	return err
+}
+
+// After binding, the group is read again: a function hot-added meanwhile
+// fails the prepare, which is rolled back; the new function is left alone.
+func TestHotAddedFunctionFailsThePrepare(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	const added = "0000:01:00.2"
+	n.cfg.SysfsWriter = &hotAddWriter{k: n.kernel, hotAdd: func() {
+		if err := n.tree.Add(pcitest.Function{Address: added, Parent: "0000:00:01.0", Vendor: 0x10de, Device: 0x1ad8, Class: 0x0c0330, Driver: "xhci_hcd", IOMMUGroup: 2}); err != nil {
+			t.Error(err)
+		}
+	}}
+	n.start(ctx, t)
+	before := n.state(t)
+	claim := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")})
+	r := n.prepare(ctx, t, claim)
+	for _, want := range []string{added, "joined IOMMU group 2", "pci-0000-01-00-0"} {
+		if !strings.Contains(r.Error, want) {
+			t.Errorf("prepare error %q lacks %q", r.Error, want)
+		}
+	}
+	after := n.state(t)
+	if got := after[added].Driver; got != "xhci_hcd" {
+		t.Errorf("hot-added function on %q, want it left on xhci_hcd", got)
+	}
+	delete(after, added)
+	if diff := cmp.Diff(before, after); diff != "" {
+		t.Errorf("node after the failed prepare (-before +after):\n%s", diff)
+	}
+	if c := n.checkpoint(t).Claims[string(claim.UID)]; c != nil {
+		t.Errorf("checkpoint keeps the failed claim: %+v", c)
 	}
 }
 
@@ -287,6 +354,72 @@ func TestIOMMUFDWithoutGroupDevices(t *testing.T) {
 	}
 	if exists(t, filepath.Join(n.cfg.DevRoot, "vfio", "2")) {
 		t.Error("the kernel made a group node; the test does not test a kernel without CONFIG_VFIO_GROUP")
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
+}
+
+// CDI specs and device metadata that no checkpointed claim owns (a reboot
+// with a persistent /var/run/cdi, a lost checkpoint) are removed at start
+// and at each resync; a prepared claim's files and other drivers' files
+// stay.
+func TestOrphanedSpecsAreRemoved(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	orphans := func(t *testing.T) []string {
+		t.Helper()
+		files := []string{
+			filepath.Join(n.cfg.CDIRoot, cdispec.SpecFileName(plugin.DefaultDriverName, "uid-orphan")),
+			filepath.Join(n.cfg.CDIRoot, plugin.DefaultDriverName+"_metadata_uid-orphan_nic.json"),
+			filepath.Join(n.cfg.PluginDataDir, "dra-device-metadata", "default_orphan", "nic", "metadata.json"),
+		}
+		for _, f := range files {
+			if err := os.MkdirAll(filepath.Dir(f), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(f, []byte(`{}`), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return files
+	}
+	other := filepath.Join(n.cfg.CDIRoot, "k8s.gpu.example.com-gpu_uid-orphan.json")
+	if err := os.MkdirAll(n.cfg.CDIRoot, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other, []byte(`{}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	files := orphans(t)
+	n.start(ctx, t)
+	for _, f := range files {
+		if exists(t, f) {
+			t.Errorf("%s is still there after the start", f)
+		}
+	}
+	if !exists(t, other) {
+		t.Errorf("another driver's spec %s was removed", other)
+	}
+
+	claim := n.createClaim(ctx, t, "nic", []resourceapi.DeviceRequestAllocationResult{result("nic", "0000:82:00.0")})
+	n.mustPrepare(ctx, t, claim)
+	files = orphans(t)
+	if _, err := n.driver.Resync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if exists(t, f) {
+			t.Errorf("%s is still there after a resync", f)
+		}
+	}
+	owned := []string{n.specFile(claim), n.metadataSpecFile(claim, "nic")}
+	for _, f := range owned {
+		if !exists(t, f) {
+			t.Errorf("the prepared claim's %s was removed", f)
+		}
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(n.cfg.PluginDataDir, "dra-device-metadata", "default_nic")); len(dirs) != 1 {
+		t.Errorf("the prepared claim's metadata directory is gone")
 	}
 	n.mustUnprepare(ctx, t, claimRef(claim))
 }

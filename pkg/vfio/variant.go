@@ -66,3 +66,24 @@ func VariantDriver(fs *pci.FS, addr pci.Address, modulesAlias string) (string, e
 	}
 	return "", fmt.Errorf("PCI device %s: vfio variant driver %s: %w (load the module first)", addr, best, ErrDriverNotLoaded)
 }
+
+// MemberTargets resolves driver "auto" for each function of an IOMMU group
+// on its own: a member gets the variant driver that modules.alias names
+// for its own modalias, or vfio-pci when none does. A variant that serves
+// only VFs (mlx5_vfio_pci) or only the GPU (nvgrace_gpu_vfio_pci) is thus
+// never forced onto the PF or onto the GPU's audio function, whose probe
+// would fail.
+func MemberTargets(fs *pci.FS, members []pci.Address, modulesAlias string) (map[pci.Address]string, error) {
+	out := make(map[pci.Address]string, len(members))
+	for _, a := range members {
+		variant, err := VariantDriver(fs, a, modulesAlias)
+		if err != nil {
+			return nil, err
+		}
+		if variant == "" {
+			variant = "vfio-pci"
+		}
+		out[a] = variant
+	}
+	return out, nil
+}

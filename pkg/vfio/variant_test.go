@@ -61,3 +61,41 @@ func TestVariantDriver(t *testing.T) {
 		t.Error("missing modules.alias: no error")
 	}
 }
+
+// TestMemberTargets: "auto" is resolved per member, so a GPU's variant is
+// not forced onto its audio function, nor a VF's onto the PF.
+func TestMemberTargets(t *testing.T) {
+	root := t.TempDir()
+	tree, err := pcitest.NewServer(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"mlx5_vfio_pci", "nvgrace_gpu_vfio_pci"} {
+		if err := tree.AddDriver(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	alias := filepath.Join(t.TempDir(), "modules.alias")
+	if err := os.WriteFile(alias, []byte(modulesAlias), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := func(s string) pci.Address { a, _ := pci.ParseAddress(s); return a }
+	gpu, audio, pf, vf := addr("0000:01:00.0"), addr("0000:01:00.1"), addr("0000:81:00.0"), addr("0000:81:00.2")
+	got, err := vfio.MemberTargets(fs, []pci.Address{gpu, audio, pf, vf}, alias)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[pci.Address]string{gpu: "nvgrace_gpu_vfio_pci", audio: "vfio-pci", pf: "vfio-pci", vf: "mlx5_vfio_pci"}
+	for a, w := range want {
+		if got[a] != w {
+			t.Errorf("%s: %q, want %q", a, got[a], w)
+		}
+	}
+	if _, err := vfio.MemberTargets(fs, []pci.Address{addr("0000:09:00.0")}, alias); err == nil {
+		t.Error("a member that does not exist: no error")
+	}
+}
