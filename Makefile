@@ -3,7 +3,14 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 BIN ?= $(CURDIR)/bin
 
-.PHONY: all build test test-unit fuzz lint vet fmt-check demo e2e test-vm clean
+.PHONY: all build test test-unit fuzz lint vet fmt-check demo e2e test-vm bench clean image image-push chart-check manifests test-tools
+
+# The image the chart installs by default: its repository and appVersion.
+CHART := deployments/helm/vfio-dra-driver
+VERSION ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' $(CHART)/Chart.yaml)
+IMAGE_REPOSITORY ?= $(shell sed -n 's/^  repository: *//p' $(CHART)/values.yaml | head -n 1)
+IMAGE ?= $(IMAGE_REPOSITORY):$(VERSION)
+IMAGE_TAR ?= $(BIN)/vfio-dra-driver-image.tar
 
 all: build
 
@@ -11,7 +18,7 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 ## test: everything CI runs (unit tests with -race, lint, the real control plane, the real kernel).
-test: lint test-unit fuzz e2e test-vm
+test: lint test-unit fuzz test-tools chart-check e2e test-vm
 
 test-unit:
 	$(GO) test -race -count=1 ./...
@@ -42,9 +49,15 @@ fuzz:
 		$(GO) test -run='^$$' -fuzz="^$${t##*:}\$$" -fuzztime=$(FUZZTIME) "$${t%%:*}"; \
 	done
 
+## bench: benchmarks, each as a ratio against its floor measured in the same
+## process (not part of make test; docs/benchmarks.md records the figures).
+bench:
+	$(GO) test -run '^$$' -bench . -count 1 ./...
+
 vet:
 	$(GO) vet ./...
 	cd test/e2e && $(GO) vet ./...
+	cd tools && $(GO) vet ./...
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -52,6 +65,7 @@ fmt-check:
 lint: vet fmt-check $(BIN)/golangci-lint
 	$(BIN)/golangci-lint run ./...
 	cd test/e2e && $(BIN)/golangci-lint run --config ../../.golangci.yml ./...
+	cd tools && $(BIN)/golangci-lint run --config ../.golangci.yml ./...
 
 $(BIN)/golangci-lint:
 	GOBIN=$(BIN) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
@@ -68,6 +82,29 @@ e2e: build
 ## test-vm: the bind path against a real kernel's vfio-pci under QEMU.
 test-vm:
 	./test/vm/run.sh
+
+## test-tools: the image build (reproducible, both platforms, importable layout,
+## Dockerfile equivalent) and the examples decoded into their API types.
+test-tools:
+	cd tools && $(GO) test -count=1 -timeout 45m ./...
+
+## image: the OCI image layout tar of the static plugin and CLI, linux/amd64 and
+## linux/arm64, for `ctr images import` and `docker load`; no container engine.
+image:
+	cd tools && $(GO) run ./cmd/vfio-image build --repo .. --bin-dir $(BIN)/image \
+		--name $(IMAGE) --version $(VERSION) --output $(IMAGE_TAR)
+
+## image-push: push the image to IMAGE=registry/name:tag (credentials of docker login).
+image-push: image
+	cd tools && $(GO) run ./cmd/vfio-image push --input $(IMAGE_TAR) --image $(IMAGE)
+
+## chart-check: helm lint and template (Helm 3 and 4) and deployments/kubernetes in sync.
+chart-check:
+	./deployments/helm/chart.sh check
+
+## manifests: render deployments/kubernetes from the chart.
+manifests:
+	./deployments/helm/chart.sh render
 
 clean:
 	rm -rf $(BIN) test/vm/out

@@ -4,9 +4,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -19,8 +23,11 @@ import (
 	logsapi "k8s.io/component-base/logs/api/v1"
 	"k8s.io/component-base/term"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
+	"k8s.io/klog/v2"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/healthcheck"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
 
@@ -31,9 +38,16 @@ func main() {
 
 type options struct {
 	kubeconfig string
-	configFile string
-	cfg        plugin.Config
-	logging    *logsapi.LoggingConfiguration
+	// The client's rate limits: the kubelet prepares the claims of pods
+	// that start together at once, and each prepare GETs its claim.
+	kubeAPIQPS      float32
+	kubeAPIBurst    int
+	metricsAddress  string
+	healthcheckPort int
+	restConfig      *rest.Config
+	configFile      string
+	cfg             plugin.Config
+	logging         *logsapi.LoggingConfiguration
 }
 
 // newCommand returns the command and the options its flags fill in.
@@ -53,7 +67,9 @@ func newCommand() (*cobra.Command, *options) {
 			HealthInterval: plugin.DefaultHealthInterval,
 			BindTimeout:    10 * time.Second,
 		},
-		logging: logsapi.NewLoggingConfiguration(),
+		kubeAPIQPS:   50,
+		kubeAPIBurst: 100,
+		logging:      logsapi.NewLoggingConfiguration(),
 	}
 	cmd := &cobra.Command{
 		Use:          "vfio-kubelet-plugin",
@@ -71,6 +87,24 @@ func newCommand() (*cobra.Command, *options) {
 			// the gRPC services down and remove the sockets.
 			ctx, stop := signal.NotifyContext(cmd.Context(), unix.SIGTERM, unix.SIGINT)
 			defer stop()
+			if o.metricsAddress != "" {
+				// Listen here, so that a taken port fails the start.
+				ln, err := net.Listen("tcp", o.metricsAddress)
+				if err != nil {
+					return fmt.Errorf("metrics bind address: %w", err)
+				}
+				o.cfg.Metrics = metrics.New()
+				go func() {
+					if err := o.cfg.Metrics.Serve(ctx, ln); err != nil {
+						klog.FromContext(ctx).Error(err, "Serving metrics failed")
+					}
+				}()
+			}
+			if o.healthcheckPort >= 0 {
+				if err := o.serveHealthchecks(ctx); err != nil {
+					return err
+				}
+			}
 			return plugin.Run(ctx, o.cfg)
 		},
 	}
@@ -80,6 +114,9 @@ func newCommand() (*cobra.Command, *options) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "Kubeconfig file; empty uses the in-cluster configuration.")
 	fs.StringVar(&o.cfg.NodeName, "node-name", o.cfg.NodeName, "Name of this node (default from $NODE_NAME).")
 	fs.StringVar(&o.cfg.DriverName, "driver-name", o.cfg.DriverName, "DRA driver name.")
+	fs.Float32Var(&o.kubeAPIQPS, "kube-api-qps", o.kubeAPIQPS, "Queries per second to the API server, on average.")
+	fs.IntVar(&o.kubeAPIBurst, "kube-api-burst", o.kubeAPIBurst, "Queries to the API server in a burst above --kube-api-qps.")
+	fs.StringVar(&o.metricsAddress, "metrics-bind-address", o.metricsAddress, "host:port for /metrics, /healthz and /readyz (e.g. :9400); empty serves none.")
 
 	fs = fss.FlagSet("node")
 	fs.StringVar(&o.cfg.SysfsRoot, "sysfs-root", o.cfg.SysfsRoot, "Where the host's /sys is mounted.")
@@ -94,6 +131,7 @@ func newCommand() (*cobra.Command, *options) {
 	fs.DurationVar(&o.cfg.RescanInterval, "rescan-interval", o.cfg.RescanInterval, "How often to read sysfs again; slices are republished only on change.")
 	fs.DurationVar(&o.cfg.HealthInterval, "health-interval", o.cfg.HealthInterval, "How often to check device health cheaply (device and driver links, AER counters) and report it to the kubelet; config space and reset methods are checked at each rescan.")
 	fs.DurationVar(&o.cfg.BindTimeout, "bind-timeout", o.cfg.BindTimeout, "Bound of each step of binding and giving back a function: one sysfs write, or the wait for its effect (driver link, VFIO device node).")
+	fs.IntVar(&o.healthcheckPort, "healthcheck-port", -1, "TCP port of a grpc.health.v1 service for a liveness probe; it checks that the plugin answers on its kubelet sockets. Negative disables it.")
 
 	logsapi.AddFlags(o.logging, fss.FlagSet("logging"))
 	for _, f := range fss.FlagSets {
@@ -111,6 +149,25 @@ func modulesAlias() string {
 		return ""
 	}
 	return "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/modules.alias"
+}
+
+// serveHealthchecks listens on the health check port and answers there
+// until ctx is done. A port that cannot be had fails the start.
+func (o *options) serveHealthchecks(ctx context.Context) error {
+	l, err := net.Listen("tcp", net.JoinHostPort("", strconv.Itoa(o.healthcheckPort)))
+	if err != nil {
+		return fmt.Errorf("health check port: %w", err)
+	}
+	sockets := healthcheck.Sockets{
+		Registration: filepath.Join(o.cfg.RegistrarDir, o.cfg.DriverName+"-reg.sock"),
+		DRA:          filepath.Join(o.cfg.PluginDataDir, "dra.sock"),
+	}
+	go func() {
+		if err := healthcheck.Serve(ctx, l, sockets); err != nil {
+			klog.FromContext(ctx).Error(err, "Health checks are no longer answered")
+		}
+	}()
+	return nil
 }
 
 func (o *options) complete() error {
@@ -134,6 +191,11 @@ func (o *options) complete() error {
 	if err != nil {
 		return fmt.Errorf("client configuration: %w", err)
 	}
+	if o.kubeAPIQPS <= 0 || o.kubeAPIBurst <= 0 {
+		return fmt.Errorf("--kube-api-qps (%v) and --kube-api-burst (%d) must be positive", o.kubeAPIQPS, o.kubeAPIBurst)
+	}
+	restConfig.QPS, restConfig.Burst = o.kubeAPIQPS, o.kubeAPIBurst
+	o.restConfig = restConfig
 	o.cfg.KubeClient, err = kubernetes.NewForConfig(restConfig)
 	return err
 }

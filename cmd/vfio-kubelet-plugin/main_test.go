@@ -59,6 +59,28 @@ current-context: x
 	if err := o.cfg.Validate(); err != nil {
 		t.Errorf("defaults do not validate: %v", err)
 	}
+	// 8 pods starting at once must not wait for client-side throttling.
+	if o.restConfig.QPS < 8 || o.restConfig.Burst < 16 {
+		t.Errorf("default client limits QPS %v burst %d are below what 8 concurrent prepares need", o.restConfig.QPS, o.restConfig.Burst)
+	}
+
+	cmd, o = newCommand()
+	if err := cmd.ParseFlags([]string{"--kubeconfig", kubeconfig, "--node-name", "n1", "--kube-api-qps", "7.5", "--kube-api-burst", "9"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.complete(); err != nil {
+		t.Fatal(err)
+	}
+	if o.restConfig.QPS != 7.5 || o.restConfig.Burst != 9 {
+		t.Errorf("--kube-api-qps 7.5 --kube-api-burst 9 gave QPS %v burst %d", o.restConfig.QPS, o.restConfig.Burst)
+	}
+	cmd, o = newCommand()
+	if err := cmd.ParseFlags([]string{"--kubeconfig", kubeconfig, "--node-name", "n1", "--kube-api-burst", "0"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.complete(); err == nil || !strings.Contains(err.Error(), "--kube-api-burst") {
+		t.Errorf("complete() with --kube-api-burst 0 = %v, want an error naming the flag", err)
+	}
 
 	cmd, o = newCommand()
 	if err := cmd.ParseFlags([]string{"--kubeconfig", kubeconfig, "--node-name", "n1", "--config", badConfig}); err != nil {

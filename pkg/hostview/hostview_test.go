@@ -301,6 +301,15 @@ func TestHostView(t *testing.T) {
 			unavailable: []string{"default route (eth9)", "not in"},
 		},
 		{
+			name: "an interface name that would leave class/net",
+			setup: func(t *testing.T, h *hostviewtest.Host) {
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: nic1.Address}))
+				must(t, h.AddRoute("..", netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("10.0.0.1")))
+			},
+			want:        map[string]string{},
+			unavailable: []string{`interface name ".." is not valid`},
+		},
+		{
 			name: "serial console on a legacy port: no PCI function",
 			setup: func(t *testing.T, h *hostviewtest.Host) {
 				must(t, h.SetConsole("ttyS0"))

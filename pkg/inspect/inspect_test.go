@@ -192,7 +192,8 @@ func TestUnreadableConfigIsNoted(t *testing.T) {
 }
 
 // TestCheckpointHostDrivers: with the plugin's checkpoint, a function that
-// a prepared claim moved to vfio-pci shows the driver it goes back to.
+// a prepared claim moved to vfio-pci shows the driver it goes back to, and
+// the claim's container holding its group is no other user.
 func TestCheckpointHostDrivers(t *testing.T) {
 	root := server(t)
 	tree := pcitest.Open(root)
@@ -209,6 +210,11 @@ func TestCheckpointHostDrivers(t *testing.T) {
 				Members: []checkpoint.Member{{Address: "0000:82:00.0", Driver: "nfp"}}}}}
 		return nil
 	}); err != nil {
+		t.Fatal(err)
+	}
+	// The claim's container holds the group.
+	h := &hostviewtest.Host{Sys: root, Proc: filepath.Join(filepath.Dir(root), "proc")}
+	if err := h.AddProcess(3100, "testpmd", "/dev/vfio/vfio", "/dev/vfio/25"); err != nil {
 		t.Fatal(err)
 	}
 	o := inspect.Options{SysfsRoot: root, NodeName: "n", Output: inspect.FormatTable}
@@ -231,6 +237,11 @@ func TestCheckpointHostDrivers(t *testing.T) {
 	}
 	if !strings.Contains(row(without), "vfio-pci") || !strings.Contains(row(with), " nfp ") {
 		t.Errorf("want vfio-pci without and nfp with the checkpoint:\n%s\n%s", row(without), row(with))
+	}
+	// Without the checkpoint the container is another user; with it, the
+	// function is the claim's and published as before.
+	if !strings.HasSuffix(row(without), "in use: held by pid 3100 (testpmd) through /dev/vfio/25") || !strings.HasSuffix(row(with), " offered") {
+		t.Errorf("want the function held without and offered with the checkpoint:\n%s\n%s", row(without), row(with))
 	}
 	o.CheckpointFile = filepath.Join(t.TempDir(), "missing.json")
 	if _, _, err := run(t, o); err == nil {

@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
 )
 
@@ -72,6 +73,9 @@ type Config struct {
 	// BindTimeout bounds each wait for sysfs or /dev to show the effect of
 	// a write; zero selects the vfio package's default.
 	BindTimeout time.Duration
+
+	// Metrics records what the plugin does; nil records nothing.
+	Metrics *metrics.Metrics
 }
 
 // Validate reports every missing or malformed setting at once.

@@ -25,6 +25,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/vfio"
@@ -102,11 +103,18 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	var w vfio.Writer = vfio.OSWriter{}
+	if cfg.SysfsWriter != nil {
+		w = cfg.SysfsWriter
+	}
+	if cfg.Metrics != nil {
+		w = timedWriter{w: w, fs: fs, m: cfg.Metrics}
+	}
 	d := &Driver{
 		cfg:            cfg,
 		fs:             fs,
 		host:           hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
-		binder:         vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: cfg.SysfsWriter, Timeout: cfg.BindTimeout}),
+		binder:         vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: w, Timeout: cfg.BindTimeout}),
 		store:          checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:            cdi,
 		fatal:          make(chan error, 1),
@@ -151,6 +159,8 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		d.Stop()
 		return nil, err
 	}
+	cfg.Metrics.SetPreparedClaimsSource(d.preparedClaims)
+	cfg.Metrics.SetReady(true)
 	return d, nil
 }
 
@@ -198,6 +208,7 @@ func (d *Driver) Wait(ctx context.Context) error {
 		case <-ticker.C:
 			if _, err := d.Resync(ctx); err != nil {
 				// The next scan may succeed; keep publishing what we had.
+				d.cfg.Metrics.Failure(metrics.OpRescan, "")
 				logger.Error(err, "Rescanning PCI devices failed")
 			}
 		case <-healthTicker.C:
@@ -238,6 +249,7 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 			logger.Info("PCI device has no IOMMU group, VFIO cannot use it", "pciAddress", dec.Device.Address)
 		}
 	}
+	d.cfg.Metrics.SetFunctions(len(inv.Offered()), inv.NotOfferedByKind())
 	d.scanned = inv
 	defer d.report(v)
 	res := v.resources(d.cfg.DriverName, d.cfg.NodeName, false)
@@ -455,7 +467,9 @@ func (d *Driver) rollBackUnfinished(ctx context.Context) error {
 		}
 		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
 		logger.Info("Rolling back a prepare that did not finish before the plugin stopped")
-		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+		err := d.unprepareClaim(klog.NewContext(ctx, logger), uid)
+		d.cfg.Metrics.Rollback(err)
+		if err != nil {
 			logger.Error(err, "Rolling back an unfinished prepare failed; its IOMMU groups stay held and it is retried in the background")
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -34,8 +35,13 @@ func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceap
 	result := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
 	for _, c := range claims {
 		logger := klog.FromContext(ctx).WithValues("claim", klog.KObj(c))
+		start := time.Now()
 		devices, err := d.prepareClaim(klog.NewContext(ctx, logger), c)
+		d.cfg.Metrics.ObservePrepare(time.Since(start), stepOf(err), err)
 		if err != nil {
+			// The kubelet gets the error too, but only this log has it
+			// next to what the plugin did before.
+			logger.Error(err, "Preparing claim failed", "duration", time.Since(start))
 			err = fmt.Errorf("prepare ResourceClaim %s: %w", klog.KObj(c), err)
 		}
 		result[c.UID] = kubeletplugin.PrepareResult{Devices: devices, Err: err}
@@ -52,7 +58,11 @@ func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 	result := make(map[types.UID]error, len(claims))
 	for _, c := range claims {
 		logger := klog.FromContext(ctx).WithValues("claim", c.NamespacedName)
-		if err := d.unprepareClaim(klog.NewContext(ctx, logger), string(c.UID)); err != nil {
+		start := time.Now()
+		err := d.unprepareClaim(klog.NewContext(ctx, logger), string(c.UID))
+		d.cfg.Metrics.ObserveUnprepare(time.Since(start), stepOf(err), err)
+		if err != nil {
+			logger.Error(err, "Unpreparing claim failed", "duration", time.Since(start))
 			result[c.UID] = fmt.Errorf("unprepare ResourceClaim %s: %w", c.NamespacedName, err)
 			continue
 		}
@@ -62,6 +72,7 @@ func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 }
 
 func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceClaim) ([]kubeletplugin.Device, error) {
+	start := time.Now()
 	logger := klog.FromContext(ctx)
 	uid := string(claim.UID)
 	cp, err := d.store.Get()
@@ -74,7 +85,7 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 				if err != nil {
 					return nil, err
 				}
-				logger.V(4).Info("Claim is prepared already")
+				logger.Info("Claim is prepared already", append(claimFields(prev), "duration", time.Since(start))...)
 				return d.completed(ctx, uid, prev)
 			}
 			// An unprepare that failed half way gave some functions
@@ -121,15 +132,17 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 		})
 	}
 	if err != nil {
-		if rerr := d.unprepareClaim(ctx, uid); rerr != nil {
+		rerr := d.unprepareClaim(ctx, uid)
+		d.cfg.Metrics.Rollback(rerr)
+		if rerr != nil {
 			// The claim stays PrepareStarted: the next prepare or
 			// unprepare, or the next start, tries again.
 			return nil, fmt.Errorf("%w; rolling back failed too: %w", err, rerr)
 		}
 		return nil, err
 	}
-	logger.Info("Prepared claim", "devices", len(devices), "iommuGroups", len(p.Groups))
 	p.State, p.Devices, p.CDISpec = checkpoint.PrepareCompleted, devices, specName
+	logger.Info("Prepared claim", append(claimFields(p), "duration", time.Since(start))...)
 	return d.completed(ctx, uid, p)
 }
 
@@ -344,6 +357,7 @@ func devicesOfGroup(c *checkpoint.Claim, group int) string {
 // unprepareClaim undoes a prepared or half-prepared claim. When that fails
 // the claim keeps its entry, with the error as its LastError.
 func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
+	start := time.Now()
 	logger := klog.FromContext(ctx)
 	defer func() {
 		if err != nil {
@@ -359,6 +373,7 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 	}
 	c := cp.Claims[uid]
 	if c == nil {
+		logger.Info("Claim is not prepared, nothing to unprepare", "duration", time.Since(start))
 		return nil
 	}
 	var errs []error
@@ -389,8 +404,30 @@ func (d *Driver) unprepareClaim(ctx context.Context, uid string) (err error) {
 	}); err != nil {
 		return err
 	}
-	logger.Info("Unprepared claim")
+	logger.Info("Unprepared claim", append(claimFields(c), "duration", time.Since(start))...)
 	return nil
+}
+
+// claimFields are the log values that say what a claim holds: its devices,
+// its IOMMU groups and each function's move between drivers.
+func claimFields(c *checkpoint.Claim) []any {
+	devices := make([]string, 0, len(c.Devices))
+	for _, dev := range c.Devices {
+		devices = append(devices, dev.Device)
+	}
+	groups := make([]int, 0, len(c.Groups))
+	var drivers []string
+	for _, g := range c.Groups {
+		groups = append(groups, g.Number)
+		for _, m := range g.Members {
+			from := m.Driver
+			if from == "" {
+				from = "none"
+			}
+			drivers = append(drivers, m.Address+" "+from+"->"+g.Target)
+		}
+	}
+	return []any{"devices", devices, "iommuGroups", groups, "drivers", drivers}
 }
 
 // errNoEntry tells Store.Update that there is nothing to write.

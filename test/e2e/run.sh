@@ -22,6 +22,10 @@ GO="${GO:-go}"
 # binary alone, so this costs nothing after the first time.
 (cd "${REPO_ROOT}" && "${GO}" build -o "${VFIO_E2E_DRIVER_BIN_DIR}/kernelemu" ./test/kernelemu)
 
+# The chart's output with default values and with every option, which TestChartManifests
+# applies (Helm is built once and cached, like the control plane).
+"${REPO_ROOT}/deployments/helm/chart.sh" template "${VFIO_E2E_DRIVER_BIN_DIR}/chart"
+
 cd "${E2E_DIR}"
 # shellcheck disable=SC2086 # GO_TEST_FLAGS is a list of flags.
 exec "${GO}" test -count=1 -v -timeout 30m ${GO_TEST_FLAGS:-} ./...
