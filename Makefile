@@ -3,7 +3,7 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 BIN ?= $(CURDIR)/bin
 
-.PHONY: all build test test-unit fuzz lint vet fmt-check demo e2e test-vm bench clean image image-push chart-check manifests test-tools
+.PHONY: all build test test-unit fuzz lint vet fmt-check demo e2e e2e-node test-vm bench clean image image-push chart-check manifests test-tools
 
 # The image the chart installs by default: its repository and appVersion.
 CHART := deployments/helm/vfio-dra-driver
@@ -17,8 +17,8 @@ all: build
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-## test: everything CI runs (unit tests with -race, lint, the real control plane, the real kernel).
-test: lint test-unit fuzz test-tools chart-check e2e test-vm
+## test: everything CI runs (unit tests with -race, fuzzing, lint, the real control plane, a real node, the real kernel).
+test: lint test-unit fuzz test-tools chart-check e2e e2e-node test-vm
 
 test-unit:
 	$(GO) test -race -count=1 ./...
@@ -78,6 +78,11 @@ demo: build
 ## e2e: real etcd, kube-apiserver, kube-scheduler and kube-controller-manager.
 e2e: build
 	./test/e2e/run.sh
+
+## e2e-node: a real kubelet, containerd, runc and CNI start pods whose containers
+## open their VFIO groups (kubelet and containerd built on first use, ~3 minutes).
+e2e-node: build
+	./test/e2e/run-node.sh
 
 ## test-vm: the bind path against a real kernel's vfio-pci under QEMU.
 test-vm:

@@ -28,4 +28,5 @@ GO="${GO:-go}"
 
 cd "${E2E_DIR}"
 # shellcheck disable=SC2086 # GO_TEST_FLAGS is a list of flags.
-exec "${GO}" test -count=1 -v -timeout 30m ${GO_TEST_FLAGS:-} ./...
+# The real-node tests have a runner of their own (run-node.sh).
+exec "${GO}" test -count=1 -v -timeout 30m -skip '^TestRealNode' ${GO_TEST_FLAGS:-} ./...

@@ -4,7 +4,7 @@
 // until SIGTERM or SIGINT. It prints "ready" on stdout once writes are seen,
 // and every error the kernel would have returned to a writer on stderr.
 //
-//	kernelemu --sysfs-root /tmp/e2e/sys --dev-root /tmp/e2e/dev [--native 0000:01:00.0=e1000e]
+//	kernelemu --sysfs-root /tmp/e2e/sys --dev-root /tmp/e2e/dev [--native 0000:01:00.0=e1000e] [--busy 0000:82:00.0]
 package main
 
 import (
@@ -34,6 +34,19 @@ func (n natives) Set(s string) error {
 	return nil
 }
 
+// addrList collects repeated ADDRESS flags.
+type addrList []string
+
+func (a *addrList) String() string { return strings.Join(*a, ",") }
+
+func (a *addrList) Set(s string) error {
+	if s == "" {
+		return fmt.Errorf("want a PCI address")
+	}
+	*a = append(*a, s)
+	return nil
+}
+
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "kernelemu:", err)
@@ -47,6 +60,8 @@ func run() error {
 	native := natives{}
 	flag.Var(native, "native", "ADDRESS=DRIVER: the driver drivers_probe picks for a function without override "+
 		"(default: the driver bound at start, unless it is a VFIO driver); repeatable")
+	var busy addrList
+	flag.Var(&busy, "busy", "ADDRESS: the host keeps using the function, so every unbind from its driver fails with EBUSY; repeatable")
 	deviceCDev := flag.Bool("device-cdev", true, "emulate Linux 6.6+ with VFIO device cdevs (/dev/vfio/devices/vfioN); false emulates 6.1-6.5")
 	flag.Parse()
 	if *sysfsRoot == "" || *devRoot == "" || flag.NArg() > 0 {
@@ -61,6 +76,13 @@ func run() error {
 	for addr, driver := range native {
 		k.SetNative(addr, driver)
 	}
+	// Armed again after each failure it caused: a busy function stays busy.
+	armBusy := func() {
+		for _, addr := range busy {
+			k.FailNext(pcitest.OpUnbind, addr, syscall.EBUSY)
+		}
+	}
+	armBusy()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -72,6 +94,9 @@ func run() error {
 		errs := k.Errors()
 		for _, err := range errs[reported:] {
 			fmt.Fprintln(os.Stderr, "kernelemu:", err)
+		}
+		if len(errs) > reported {
+			armBusy()
 		}
 		reported = len(errs)
 	}

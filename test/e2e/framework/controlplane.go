@@ -5,8 +5,9 @@
 //
 // The binaries come from hack/build-control-plane.sh; the directory that holds
 // them is passed in the VFIO_E2E_BIN_DIR environment variable (run.sh sets it).
-// There is no kubelet: tests create Node objects themselves and the pods they
-// create are scheduled and bound, but never run.
+// Without a real node (StartRealNode: kubelet, containerd, runc, CNI) tests
+// create Node objects themselves and the pods they create are scheduled and
+// bound, but never run.
 package framework
 
 import (
@@ -89,6 +90,7 @@ type ControlPlane struct {
 
 	mu        sync.Mutex
 	processes []*Process
+	cleanups  []func()
 }
 
 // StartControlPlane starts a control plane for the test and registers a cleanup
@@ -200,9 +202,27 @@ func (cp *ControlPlane) forget(p *Process) {
 	cp.processes = slices.DeleteFunc(cp.processes, func(q *Process) bool { return q == p })
 }
 
-// Stop ends all processes in reverse start order. It may be called more than
-// once. It leaves Dir in place; StartControlPlane removes it when the test passed.
+// AddCleanup registers a function that Stop calls, in reverse order of
+// registration, before it ends the processes: a real node uses it to stop its
+// pods and remove what it created on the host while the control plane still
+// runs.
+func (cp *ControlPlane) AddCleanup(f func()) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.cleanups = append(cp.cleanups, f)
+}
+
+// Stop runs the cleanups, then ends all processes in reverse start order. It
+// may be called more than once. It leaves Dir in place; StartControlPlane
+// removes it when the test passed.
 func (cp *ControlPlane) Stop() {
+	cp.mu.Lock()
+	cleanups := cp.cleanups
+	cp.cleanups = nil
+	cp.mu.Unlock()
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
 	cp.mu.Lock()
 	processes := append([]*Process(nil), cp.processes...)
 	cp.mu.Unlock()
@@ -345,6 +365,9 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, opts Options, etcdUR
 			// As in kubeadm, kind and managed clusters: the kubelet plugin's
 			// DaemonSet must write sysfs, which needs a privileged container.
 			"--allow-privileged=true",
+			// A real node's kubelet (StartRealNode) is reached at its
+			// InternalIP: its Hostname does not resolve.
+			"--kubelet-preferred-address-types=InternalIP,Hostname",
 		}, opts.APIServerArgs...)
 		p, err := cp.StartProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), nil, args...)
 		if err != nil {

@@ -44,9 +44,19 @@ type NodeOptions struct {
 	ConfigFile string
 	// PluginArgs are extra plugin flags, appended after the framework's own.
 	PluginArgs []string
+	// EmulatorArgs are extra kernelemu flags (e.g. --busy ADDRESS).
+	EmulatorArgs []string
 	// StartTimeout limits how long the emulator and each plugin start may
 	// take; 0 means one minute.
 	StartTimeout time.Duration
+	// KubeletRootDir is the --root-dir of a real kubelet on this node
+	// (StartRealNode): the plugin's sockets go below it, the Node object is
+	// the kubelet's own, and the kubelet, not the caller, registers the
+	// plugin and calls DRA; Node.DRA stays nil. "" plays the kubelet.
+	KubeletRootDir string
+	// Registrations, with KubeletRootDir, counts how often the kubelet has
+	// connected to the plugin; StartPlugin waits until it grows.
+	Registrations func() (int, error)
 }
 
 // Node is a Kubernetes node without a kubelet: a Node object, a copy of the
@@ -85,6 +95,12 @@ type Node struct {
 // socket exists. On error, the processes that were started stop with the
 // control plane.
 func StartNode(ctx context.Context, cp *ControlPlane, opts NodeOptions) (*Node, error) {
+	return startNodeParts(ctx, cp, opts, true)
+}
+
+// startNodeParts is StartNode; without startPlugin the caller starts the
+// plugin (StartPlugin) or deploys it.
+func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, startPlugin bool) (*Node, error) {
 	if opts.Name == "" {
 		return nil, errors.New("node name is required")
 	}
@@ -118,6 +134,11 @@ func StartNode(ctx context.Context, cp *ControlPlane, opts NodeOptions) (*Node, 
 		opts:          opts,
 		pluginBinary:  pluginBinary,
 	}
+	if opts.KubeletRootDir != "" {
+		// Where the kubelet's plugin watcher and the helper's defaults put them.
+		n.PluginDataDir = filepath.Join(opts.KubeletRootDir, "plugins", DriverName)
+		n.RegistrarDir = filepath.Join(opts.KubeletRootDir, "plugins_registry")
+	}
 	for _, d := range []string{n.DevRoot, n.CDIRoot, n.PluginDataDir, n.RegistrarDir, filepath.Join(n.ProcRoot, "sys", "kernel", "random")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
@@ -135,12 +156,15 @@ func StartNode(ctx context.Context, cp *ControlPlane, opts NodeOptions) (*Node, 
 		return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
 	}
 	// The plugin's ResourceSlices are owned by the Node; it must exist first.
-	if _, err := CreateNode(ctx, cp.Client, opts.Name); err != nil {
-		return nil, err
+	// A kubelet has registered its Node already.
+	if opts.KubeletRootDir == "" {
+		if _, err := CreateNode(ctx, cp.Client, opts.Name); err != nil {
+			return nil, err
+		}
 	}
 
 	n.Emulator, err = cp.StartProcess(opts.Name+"-kernelemu", emulatorBinary, nil,
-		"--sysfs-root="+n.SysfsRoot, "--dev-root="+n.DevRoot)
+		append([]string{"--sysfs-root=" + n.SysfsRoot, "--dev-root=" + n.DevRoot}, opts.EmulatorArgs...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -158,8 +182,11 @@ func StartNode(ctx context.Context, cp *ControlPlane, opts NodeOptions) (*Node, 
 	if err != nil {
 		return nil, err
 	}
+	if !startPlugin {
+		return n, nil
+	}
 	if err := n.StartPlugin(ctx); err != nil {
-		return nil, err
+		return n, err
 	}
 	return n, nil
 }
@@ -219,11 +246,30 @@ func (n *Node) StartPlugin(ctx context.Context) error {
 	if n.pluginStarts > 1 {
 		name += "-" + strconv.Itoa(n.pluginStarts)
 	}
+	registered := 0
+	if n.opts.KubeletRootDir != "" {
+		var err error
+		if registered, err = n.opts.Registrations(); err != nil {
+			return err
+		}
+	}
 	p, err := n.cp.StartProcess(name, n.pluginBinary, nil, n.PluginArgs()...)
 	if err != nil {
 		return err
 	}
 	n.Plugin = p
+	if n.opts.KubeletRootDir != "" {
+		return p.WaitReady(ctx, n.opts.StartTimeout, func(context.Context) error {
+			count, err := n.opts.Registrations()
+			if err != nil {
+				return err
+			}
+			if count <= registered {
+				return fmt.Errorf("the kubelet has not connected to plugin %s yet", name)
+			}
+			return nil
+		})
+	}
 	// A socket left behind by an earlier process exists before the new one
 	// listens, so only an answer counts.
 	var endpoint string

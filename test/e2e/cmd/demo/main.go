@@ -1,14 +1,16 @@
 // Command demo shows the vfio.dra.dev driver at work, end to end, on one
 // machine: a real etcd, kube-apiserver, kube-scheduler and
-// kube-controller-manager on 127.0.0.1, the production kubelet plugin on a
-// copy of the demo node's sysfs tree with the kernel emulator beside it, and
-// a pod that asks for the node's GPU. The demo plays the kubelet: it calls the
-// plugin's DRA service to prepare and unprepare the pod's claim. At the end it
-// tears everything down.
+// kube-controller-manager on 127.0.0.1, a real node (kubelet, containerd,
+// runc, CNI) whose PCI devices are a copy of the demo node's sysfs tree with
+// the kernel emulator beside it, the production kubelet plugin registered
+// with that kubelet, and a pod that asks for the node's GPU. The kubelet
+// prepares the pod's claim, the container sees its VFIO group, and deleting
+// the pod makes the kubelet unprepare. At the end it tears everything down.
 //
 // demo/run.sh ("make demo") builds what it needs and runs it:
 //
-//	VFIO_E2E_BIN_DIR=~/.cache/vfio-dra-driver/control-plane VFIO_E2E_DRIVER_BIN_DIR=bin demo --repo-root .
+//	VFIO_E2E_BIN_DIR=~/.cache/vfio-dra-driver/control-plane VFIO_E2E_NODE_BIN_DIR=~/.cache/vfio-dra-driver/node \
+//	  VFIO_E2E_DRIVER_BIN_DIR=bin demo --repo-root .
 package main
 
 import (
@@ -33,7 +35,6 @@ import (
 	v1 "k8s.io/api/core/v1"
 	resourceapi "k8s.io/api/resource/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	drapb "k8s.io/kubelet/pkg/apis/dra/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/vfio-dra/vfio-dra-driver/test/e2e/framework"
@@ -73,11 +74,11 @@ type demo struct {
 	step     int
 
 	cp   *framework.ControlPlane
-	node *framework.Node
+	node *framework.RealNode
 }
 
 // steps is the number of headings run prints.
-const steps = 8
+const steps = 9
 
 func (d *demo) heading(format string, args ...any) {
 	d.step++
@@ -112,7 +113,7 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	// Fail before starting anything when a binary is missing.
-	for _, name := range []string{framework.PluginBinary, framework.EmulatorBinary, "vfio-dra"} {
+	for _, name := range []string{framework.PluginBinary, framework.EmulatorBinary, framework.WorkloadBinary, "vfio-dra"} {
 		if _, err := framework.DriverBinary(name); err != nil {
 			return err
 		}
@@ -131,18 +132,22 @@ func (d *demo) run(ctx context.Context) error {
 	d.say("Kubernetes %s ready in %v at %s", version.GitVersion, time.Since(start).Round(100*time.Millisecond), d.cp.Config.Host)
 	d.say("kubeconfig and logs: %s", d.cp.Dir)
 
-	d.heading("Starting the kubelet plugin on node %s, a copy of demo/sysfs, with the kernel emulator", nodeName)
+	d.heading("Starting node %s: containerd, the kubelet, and the kubelet plugin on a copy of demo/sysfs", nodeName)
 	start = time.Now()
-	d.node, err = framework.StartNode(ctx, d.cp, framework.NodeOptions{Name: nodeName, ConfigFile: configFile})
+	d.node, err = framework.StartRealNode(ctx, d.cp, framework.RealNodeOptions{Node: framework.NodeOptions{Name: nodeName, ConfigFile: configFile}})
 	if err != nil {
 		return err
 	}
+	d.say("kubelet v1.37.2 and containerd v2.4.2 (runc, CNI bridge %s) in a private mount namespace; node IP %s", d.node.Bridge, d.node.IP)
 	d.say("sysfs of the node:  %s (the emulator moves driver links as Linux does)", d.node.SysfsRoot)
 	d.say("/dev of the node:   %s", d.node.DevRoot)
-	d.say("CDI spec directory: %s", d.node.CDIRoot)
+	d.say("CDI spec directory: %s (containerd reads it)", d.node.CDIRoot)
 	d.say("$ vfio-kubelet-plugin %s", strings.Join(d.node.PluginArgs(), " \\\n        "))
-	d.say("registered with the \"kubelet\" as %s in %v; DRA service: %s", framework.DriverName,
-		time.Since(start).Round(100*time.Millisecond), filepath.Join(d.node.PluginDataDir, "dra.sock"))
+	d.say("node Ready and the plugin registered with the kubelet in %v; DRA service: %s", time.Since(start).Round(100*time.Millisecond),
+		filepath.Join(d.node.PluginDataDir, "dra.sock"))
+	if err := d.kubectl(ctx, "get", "nodes", "-o", "wide"); err != nil {
+		return err
+	}
 
 	d.heading("What the plugin sees on the node: one decision per PCI function")
 	inspectBin, _ := framework.DriverBinary("vfio-dra")
@@ -165,28 +170,35 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 
-	d.heading("A pod that asks for the GPU: the scheduler allocates a device and binds the pod")
+	d.heading("A pod that asks for the GPU: scheduled, its claim prepared by the kubelet, its container started")
 	data, err := os.ReadFile(manifest)
 	if err != nil {
 		return err
 	}
 	d.show(string(data), "cat", d.manifest)
+	before, err := d.node.AllDrivers()
+	if err != nil {
+		return err
+	}
+	start = time.Now()
 	if err := d.kubectl(ctx, "apply", "-f", manifest); err != nil {
 		return err
 	}
-	scheduled, err := framework.WaitForPodScheduled(ctx, d.cp.Client, pod.Namespace, pod.Name, waitTimeout)
+	running, err := framework.WaitForPodRunning(ctx, d.cp.Client, pod.Namespace, pod.Name, waitTimeout)
 	if err != nil {
 		return err
 	}
-	claims, err := waitForClaims(ctx, d.cp, scheduled)
+	container := running.Spec.Containers[0].Name
+	logs, err := d.node.WaitForPodLog(ctx, pod.Namespace, pod.Name, container, "== ready", waitTimeout)
 	if err != nil {
 		return err
 	}
+	d.say("Running %v after kubectl apply", time.Since(start).Round(100*time.Millisecond))
 	if err := d.kubectl(ctx, "get", "pods", "-n", pod.Namespace, "-o", "wide"); err != nil {
 		return err
 	}
-	d.say("(Pending for ever: there is no kubelet to start it. It is bound to %s.)", scheduled.Spec.NodeName)
-	if err := d.kubectl(ctx, "get", "resourceclaims", "-n", pod.Namespace); err != nil {
+	claims, err := waitForClaims(ctx, d.cp, running)
+	if err != nil {
 		return err
 	}
 	if err := d.kubectl(ctx, "get", "resourceclaims", "-n", pod.Namespace, "-o",
@@ -194,35 +206,7 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 
-	d.heading("Playing the kubelet: NodePrepareResources on the plugin's dra.sock")
-	before, err := d.node.AllDrivers()
-	if err != nil {
-		return err
-	}
-	var refs []*drapb.Claim
-	for _, c := range claims {
-		refs = append(refs, framework.ClaimRef(c))
-		d.say("> NodePrepareResources claim %s/%s (UID %s)", c.Namespace, c.Name, c.UID)
-	}
-	resp, err := d.node.DRA.NodePrepareResources(ctx, &drapb.NodePrepareResourcesRequest{Claims: refs})
-	if err != nil {
-		return fmt.Errorf("NodePrepareResources: %w", err)
-	}
-	for _, c := range claims {
-		r := resp.Claims[string(c.UID)]
-		if r == nil {
-			return fmt.Errorf("NodePrepareResources: no answer for claim %s/%s", c.Namespace, c.Name)
-		}
-		if r.Error != "" {
-			return fmt.Errorf("NodePrepareResources: claim %s/%s: %s", c.Namespace, c.Name, r.Error)
-		}
-		for _, dev := range r.Devices {
-			d.say("< %s/%s for request %s, CDI devices:", dev.PoolName, dev.DeviceName, strings.Join(dev.RequestNames, ","))
-			for _, id := range dev.CdiDeviceIds {
-				d.say("    %s", id)
-			}
-		}
-	}
+	d.heading("What the kubelet's NodePrepareResources did on the node: the whole IOMMU group on vfio-pci, a CDI spec")
 	if err := d.showDrivers(before); err != nil {
 		return err
 	}
@@ -239,28 +223,30 @@ func (d *demo) run(ctx context.Context) error {
 		}
 		d.show(pretty.String(), "cat", spec)
 	}
-	d.say("(A container runtime injects these device nodes and variables into each container that uses the claim.)")
 
-	d.heading("The pod is done: NodeUnprepareResources gives the devices back, then the pod is deleted")
+	d.heading("Inside the container: its VFIO devices, environment and device metadata")
+	if err := d.kubectl(ctx, "exec", "-n", pod.Namespace, pod.Name, "--", "/workload", "ls", "/dev/vfio"); err != nil {
+		return err
+	}
+	d.show(vfioLines(logs), "kubectl", "logs", "-n", pod.Namespace, pod.Name, "# the opens, the VFIO_ variables and the metadata files")
+
+	d.heading("Deleting the pod: the kubelet stops the container and calls NodeUnprepareResources")
 	prepared, err := d.node.AllDrivers()
 	if err != nil {
 		return err
 	}
-	for _, ref := range refs {
-		d.say("> NodeUnprepareResources claim %s/%s", ref.Namespace, ref.Name)
-		if err := d.node.Unprepare(ctx, ref); err != nil {
-			return err
-		}
-	}
-	if err := d.showDrivers(prepared); err != nil {
+	if err := d.kubectl(ctx, "delete", "pod", "-n", pod.Namespace, pod.Name, "--wait=true"); err != nil {
 		return err
 	}
-	after, err := d.node.AllDrivers()
+	err = framework.Poll(ctx, waitTimeout, "functions back on their drivers", func(context.Context) (bool, string, error) {
+		now, err := d.node.AllDrivers()
+		return maps.Equal(now, before), fmt.Sprintf("drivers %v", now), err
+	})
 	if err != nil {
 		return err
 	}
-	if !maps.Equal(after, before) {
-		return fmt.Errorf("drivers after unprepare %v differ from those before prepare %v", after, before)
+	if err := d.showDrivers(prepared); err != nil {
+		return err
 	}
 	for _, c := range claims {
 		spec := d.node.CDISpecPath(string(c.UID))
@@ -273,10 +259,25 @@ func (d *demo) run(ctx context.Context) error {
 		}
 	}
 	d.say("CDI spec removed.")
-	if err := d.kubectl(ctx, "delete", "pod", "-n", pod.Namespace, pod.Name, "--grace-period=0", "--force"); err != nil {
-		return err
+	return d.kubectl(ctx, "get", "resourceclaims", "-n", pod.Namespace)
+}
+
+// vfioLines picks from the probe's output what a VFIO consumer does and
+// reads: opening the device nodes, the VFIO_ variables and the metadata files.
+func vfioLines(logs string) string {
+	var out []string
+	inMetadata := false
+	for _, l := range strings.Split(logs, "\n") {
+		switch {
+		case strings.HasPrefix(l, "== metadata"):
+			inMetadata = true
+		case strings.HasPrefix(l, "== "):
+			inMetadata = false
+		case inMetadata, strings.HasPrefix(l, "open "), strings.HasPrefix(l, "VFIO_"):
+			out = append(out, l)
+		}
 	}
-	return nil
+	return strings.Join(out, "\n")
 }
 
 // showDrivers prints the driver link of every function whose driver is not
@@ -327,7 +328,7 @@ func orNone(s string) string {
 // unless keep is set.
 func (d *demo) teardown(keep bool) {
 	d.step = steps - 1
-	d.heading("Tearing down: the plugin, the emulator and the control plane")
+	d.heading("Tearing down: pods, the plugin, the kubelet, containerd, the emulator and the control plane")
 	if d.cp == nil {
 		d.say("nothing was started")
 		return
@@ -336,7 +337,7 @@ func (d *demo) teardown(keep bool) {
 		fmt.Fprint(d.out, d.cp.LogDump(20))
 	}
 	d.cp.Stop()
-	d.say("all processes stopped")
+	d.say("all processes stopped; the node's cgroups, bridge and address removed")
 	if keep {
 		d.say("logs, kubeconfig and the node's directories kept in %s", d.cp.Dir)
 		return
