@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io/fs"
 	"slices"
+	"strings"
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -11,8 +12,9 @@ import (
 
 // ScanGroups is Scan restricted to the IOMMU groups of addrs: it reads
 // those functions, their groups and the groups' members, nothing else, and
-// decides on them exactly as Scan does (every rule looks at a function and
-// the members of its group only). A prepare needs no more, and so costs the
+// decides on them exactly as Scan does (the rules look at a function, the
+// members of its group and, for what the host uses, the functions in use
+// and the endpoints above them, which are read too). A prepare needs no more, and so costs the
 // same on a node of 20 functions and of 1,024. An address that is not on
 // the node has no Decision.
 func ScanGroups(fsys *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map[string]string, host *HostUse, addrs []pci.Address) (*Inventory, error) {
@@ -58,6 +60,21 @@ func ScanGroups(fsys *pci.FS, cfg *v1alpha1.DriverConfiguration, hostDrivers map
 			if _, err := readDevice(m); err != nil {
 				// Decide refuses the group: a member it cannot see.
 				problems = append(problems, err)
+			}
+		}
+	}
+	// A function in use takes the endpoints above it with it (a VMD
+	// controller and its NVMe drive): Decide needs them and their paths.
+	if host != nil {
+		for a := range host.InUse {
+			d, err := readDevice(a)
+			if err != nil {
+				continue
+			}
+			for _, elem := range strings.Split(d.Path, "/") {
+				if up, err := pci.ParseAddress(elem); err == nil {
+					_, _ = readDevice(up)
+				}
 			}
 		}
 	}

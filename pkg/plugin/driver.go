@@ -46,7 +46,7 @@ type Driver struct {
 	reporter *health.Reporter
 	// seen is the last offered decision of each function that is offered
 	// or held by a claim, to publish a device that disappeared while held
-	// as it was. Guarded by claimMu.
+	// as it was. Guarded by scanMu, held for writing.
 	seen map[pci.Address]inventory.Decision
 	// fatal receives the first background error that ends the plugin.
 	fatal chan error
@@ -63,9 +63,14 @@ type Driver struct {
 	// backgroundCtx is the context of the background work.
 	backgroundCtx context.Context
 
-	// claimMu serializes prepare and unprepare. The helper does that too,
-	// but the checkpoint's consistency must not depend on an option.
-	claimMu sync.Mutex
+	// locks serialize the prepares and unprepares of one claim and of
+	// claims that share an IOMMU group (see lockClaim); others run in
+	// parallel.
+	locks keyedLocks
+	// scanMu is held for reading by every prepare and unprepare, and for
+	// writing by what must not see a function half way between the
+	// checkpoint and sysfs: a rescan, a health check, removing orphans.
+	scanMu sync.RWMutex
 
 	mu sync.Mutex
 	// published is what was last handed to the helper.
@@ -150,6 +155,9 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		// container as metadata. KubeVirt's virt-launcher reads only
 		// v1alpha1 (the first object of that version in the stream).
 		kubeletplugin.EnableDeviceMetadata(true, []schema.GroupVersion{metadatav1beta1.SchemeGroupVersion, metadatav1alpha1.SchemeGroupVersion}),
+		// Claims on disjoint IOMMU groups are prepared in parallel; the
+		// plugin serializes what must be (lockClaim).
+		kubeletplugin.Serialize(false),
 	)
 	if err != nil {
 		d.stopBackgroundWork()
@@ -331,8 +339,8 @@ func (d *Driver) HandleError(ctx context.Context, err error, msg string) {
 func (d *Driver) scan(ctx context.Context) (*inventory.Inventory, *inventory.HostUse, verdict, error) {
 	// No prepare may move a driver between reading the checkpoint and
 	// reading sysfs, or a bound function would be published with vfio-pci.
-	d.claimMu.Lock()
-	defer d.claimMu.Unlock()
+	d.scanMu.Lock()
+	defer d.scanMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
 		return nil, nil, verdict{}, err
@@ -357,8 +365,8 @@ const metadataDir = "dra-device-metadata"
 // checkpoint. The checkpoint is written before any of them, so a claim
 // being prepared owns its files already.
 func (d *Driver) removeOrphans(ctx context.Context) error {
-	d.claimMu.Lock()
-	defer d.claimMu.Unlock()
+	d.scanMu.Lock()
+	defer d.scanMu.Unlock()
 	// Files first, then the checkpoint: a file listed belongs to a claim
 	// whose entry was written before it, so the entry is seen too.
 	var errs []error
@@ -521,8 +529,6 @@ func (d *Driver) retryRollbacks(ctx context.Context) {
 // retryRollbacksOnce tries each failed rollback once and reports how many
 // are still failing.
 func (d *Driver) retryRollbacksOnce(ctx context.Context) (int, error) {
-	d.claimMu.Lock()
-	defer d.claimMu.Unlock()
 	cp, err := d.store.Get()
 	if err != nil {
 		return 0, err
@@ -533,12 +539,15 @@ func (d *Driver) retryRollbacksOnce(ctx context.Context) (int, error) {
 			continue
 		}
 		logger := klog.FromContext(ctx).WithValues("claim", klog.KRef(c.Namespace, c.Name), "uid", uid)
-		if err := d.unprepareClaim(klog.NewContext(ctx, logger), uid); err != nil {
+		retried, err := d.retryRollbackLocked(klog.NewContext(ctx, logger), uid)
+		if err != nil {
 			logger.V(2).Info("Rollback still fails", "err", err)
 			pending++
 			continue
 		}
-		logger.Info("Rolled back an unfinished prepare on retry")
+		if retried {
+			logger.Info("Rolled back an unfinished prepare on retry")
+		}
 	}
 	return pending, nil
 }

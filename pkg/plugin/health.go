@@ -32,7 +32,7 @@ type verdict struct {
 }
 
 // judge checks the offered functions of inv and every function a prepared
-// claim holds. The caller holds claimMu, so that no prepare or unprepare
+// claim holds. The caller holds scanMu for writing, so that no prepare or unprepare
 // moves a driver between reading cp and reading sysfs.
 //
 // A device that disappeared while a claim holds it stays published, with a
@@ -182,14 +182,14 @@ func (d *Driver) CheckHealth(ctx context.Context) error {
 	if inv == nil {
 		return nil
 	}
-	d.claimMu.Lock()
+	d.scanMu.Lock()
 	cp, err := d.store.Get()
 	if err != nil {
-		d.claimMu.Unlock()
+		d.scanMu.Unlock()
 		return err
 	}
 	v := d.judge(ctx, inv, cp, false)
-	d.claimMu.Unlock()
+	d.scanMu.Unlock()
 	if published == nil || !equality.Semantic.DeepEqual(*published, v.resources(d.cfg.DriverName, d.cfg.NodeName, d.countersDropped.Load())) {
 		_, err := d.Resync(ctx)
 		return err

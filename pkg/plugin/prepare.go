@@ -30,13 +30,11 @@ import (
 // vfio and writes the claim's CDI spec. Each claim succeeds or fails on its
 // own; a failed claim leaves the node as it was.
 func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
-	d.claimMu.Lock()
-	defer d.claimMu.Unlock()
 	result := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
 	for _, c := range claims {
 		logger := klog.FromContext(ctx).WithValues("claim", klog.KObj(c))
 		start := time.Now()
-		devices, err := d.prepareClaim(klog.NewContext(ctx, logger), c)
+		devices, err := d.prepareLocked(klog.NewContext(ctx, logger), c)
 		d.cfg.Metrics.ObservePrepare(time.Since(start), stepOf(err), err)
 		if err != nil {
 			// The kubelet gets the error too, but only this log has it
@@ -53,13 +51,11 @@ func (d *Driver) PrepareResourceClaims(ctx context.Context, claims []*resourceap
 // devices back to the host. Unknown claims succeed: they were never
 // prepared, or already unprepared.
 func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletplugin.NamespacedObject) (map[types.UID]error, error) {
-	d.claimMu.Lock()
-	defer d.claimMu.Unlock()
 	result := make(map[types.UID]error, len(claims))
 	for _, c := range claims {
 		logger := klog.FromContext(ctx).WithValues("claim", c.NamespacedName)
 		start := time.Now()
-		err := d.unprepareClaim(klog.NewContext(ctx, logger), string(c.UID))
+		err := d.unprepareLocked(klog.NewContext(ctx, logger), string(c.UID))
 		d.cfg.Metrics.ObserveUnprepare(time.Since(start), stepOf(err), err)
 		if err != nil {
 			logger.Error(err, "Unpreparing claim failed", "duration", time.Since(start))
@@ -71,7 +67,31 @@ func (d *Driver) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 	return result, nil
 }
 
-func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceClaim) ([]kubeletplugin.Device, error) {
+// prepareLocked is prepareClaim under the claim's locks.
+func (d *Driver) prepareLocked(ctx context.Context, claim *resourceapi.ResourceClaim) ([]kubeletplugin.Device, error) {
+	d.scanMu.RLock()
+	defer d.scanMu.RUnlock()
+	var allocated []resourceapi.DeviceRequestAllocationResult
+	if claim.Status.Allocation != nil {
+		allocated = claim.Status.Allocation.Devices.Results
+	}
+	locked, unlock := d.lockClaim(string(claim.UID), allocated)
+	defer unlock()
+	return d.prepareClaim(ctx, claim, locked)
+}
+
+// unprepareLocked is unprepareClaim under the claim's locks.
+func (d *Driver) unprepareLocked(ctx context.Context, uid string) error {
+	d.scanMu.RLock()
+	defer d.scanMu.RUnlock()
+	_, unlock := d.lockClaim(uid, nil)
+	defer unlock()
+	return d.unprepareClaim(ctx, uid)
+}
+
+// prepareClaim prepares claim; the caller holds the locks of the claim
+// and of the IOMMU groups in locked.
+func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceClaim, locked map[int]bool) ([]kubeletplugin.Device, error) {
 	start := time.Now()
 	logger := klog.FromContext(ctx)
 	uid := string(claim.UID)
@@ -110,6 +130,13 @@ func (d *Driver) prepareClaim(ctx context.Context, claim *resourceapi.ResourceCl
 	p, err := d.plan(claim, cp)
 	if err != nil {
 		return nil, err
+	}
+	for _, g := range p.Groups {
+		if !locked[g.Number] {
+			// The device moved to another group after lockClaim read
+			// it (hot-plug): nothing is written, the retry locks it.
+			return nil, fmt.Errorf("IOMMU group %d of the claim changed while it was being prepared; the kubelet retries", g.Number)
+		}
 	}
 	// Write ahead: the original drivers are on disk before sysfs changes.
 	if err := d.updateCheckpoint(func(cp *checkpoint.Checkpoint) error {

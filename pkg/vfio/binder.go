@@ -163,6 +163,9 @@ type Binder struct {
 	w       Writer
 	timeout time.Duration
 	poll    time.Duration
+	// busy holds the accesses under way, so that none is repeated while
+	// an earlier one is blocked in the kernel.
+	busy inflight
 }
 
 // NewBinder returns a Binder that reads sysfs through fs, looks for group
@@ -204,7 +207,14 @@ func (b *Binder) read(addr pci.Address) (state, error) {
 		return state{}, err
 	}
 	file := b.fs.DevicePath(addr, "driver_override")
-	ov, err := bounded(b.timeout, "read "+file, func() (string, error) { return pci.ReadDriverOverride(file) })
+	key := accessKey(file, nil)
+	if err := b.busy.begin(key, "read "+file); err != nil {
+		return state{}, err
+	}
+	ov, err := bounded(b.timeout, "read "+file, func() (string, error) {
+		defer b.busy.end(key)
+		return pci.ReadDriverOverride(file)
+	})
 	if err != nil {
 		return state{}, err
 	}
@@ -521,8 +531,17 @@ func (b *Binder) setOverride(a pci.Address, value string) error {
 // write passes one write to the Writer and waits for it at most the
 // timeout (see bounded): a write that does not return in time fails with
 // ErrTimeout, and may still take effect later.
+//
+// While a write for a function has not returned, every other access to that
+// function fails at once with ErrBlocked.
 func (b *Binder) write(path string, data []byte) error {
-	_, err := bounded(b.timeout, fmt.Sprintf("write %q to %s", data, path), func() (struct{}, error) {
+	what := fmt.Sprintf("write %q to %s", data, path)
+	key := accessKey(path, data)
+	if err := b.busy.begin(key, what); err != nil {
+		return err
+	}
+	_, err := bounded(b.timeout, what, func() (struct{}, error) {
+		defer b.busy.end(key)
 		return struct{}{}, b.w.WriteFile(path, data)
 	})
 	return err

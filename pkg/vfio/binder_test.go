@@ -673,9 +673,10 @@ func TestReadTimeout(t *testing.T) {
 	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
 		t.Errorf("Snapshot error %v, want ErrTimeout at %q of %s", err, vfio.StepReadState, nic)
 	}
+	// The first read is still blocked: the Restore does not start another.
 	err = b.Restore(t.Context(), []vfio.Original{{Address: nic, Driver: "e1000e"}, {Address: gpu, Driver: "nvidia"}}, "vfio-pci")
-	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
-		t.Errorf("Restore error %v, want ErrTimeout at %q of %s", err, vfio.StepReadState, nic)
+	if !errors.As(err, &se) || se.Address != nic || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrBlocked) {
+		t.Errorf("Restore error %v, want ErrBlocked at %q of %s", err, vfio.StepReadState, nic)
 	}
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("Snapshot and Restore took %s with a 100ms timeout", d)
