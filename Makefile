@@ -3,7 +3,7 @@ GO ?= go
 GOLANGCI_LINT_VERSION ?= v2.15.0
 BIN ?= $(CURDIR)/bin
 
-.PHONY: all build test test-unit lint vet fmt-check demo e2e e2e-node test-vm bench clean image image-push chart-check manifests test-tools
+.PHONY: all build test test-unit fuzz lint vet fmt-check demo e2e e2e-node test-vm bench clean image image-push chart-check manifests test-tools
 
 # The image the chart installs by default: its repository and appVersion.
 CHART := deployments/helm/vfio-dra-driver
@@ -17,11 +17,37 @@ all: build
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-## test: everything CI runs (unit tests with -race, lint, the real control plane, a real node, the real kernel).
-test: lint test-unit test-tools chart-check e2e e2e-node test-vm
+## test: everything CI runs (unit tests with -race, fuzzing, lint, the real control plane, a real node, the real kernel).
+test: lint test-unit fuzz test-tools chart-check e2e e2e-node test-vm
 
 test-unit:
 	$(GO) test -race -count=1 ./...
+
+## fuzz: a short run of every fuzz target (FUZZTIME each); the committed
+## corpora in testdata/fuzz also run in test-unit. A Fuzz function missing
+## from FUZZ_TARGETS fails the target.
+FUZZTIME ?= 6s
+FUZZ_TARGETS = \
+	./api/v1alpha1:FuzzDecodeDriverConfiguration \
+	./api/v1alpha1:FuzzDecodeVfioConfig \
+	./pkg/cdispec:FuzzEnvName \
+	./pkg/cdispec:FuzzSpec \
+	./pkg/checkpoint:FuzzDecode \
+	./pkg/checkpoint:FuzzDecodeData \
+	./pkg/health:FuzzHealthFiles \
+	./pkg/health:FuzzParseAERTotal \
+	./pkg/pci:FuzzDeviceAttribute \
+	./pkg/pci:FuzzParseAddress \
+	./pkg/pci:FuzzParseDeviceName
+
+fuzz:
+	@found=$$(grep -rhoE '^func Fuzz[A-Za-z0-9_]+' --include='*_test.go' api pkg cmd | sed 's/^func //' | sort); \
+	listed=$$(for t in $(FUZZ_TARGETS); do echo "$${t##*:}"; done | sort); \
+	if [ "$$found" != "$$listed" ]; then echo "fuzz: FUZZ_TARGETS lists" $$listed "but the tests have" $$found; exit 1; fi
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t%%:*} $${t##*:} for $(FUZZTIME)"; \
+		$(GO) test -run='^$$' -fuzz="^$${t##*:}\$$" -fuzztime=$(FUZZTIME) "$${t%%:*}"; \
+	done
 
 ## bench: benchmarks, each as a ratio against its floor measured in the same
 ## process (not part of make test; docs/benchmarks.md records the figures).

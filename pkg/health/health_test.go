@@ -35,7 +35,7 @@ type clock struct{ t time.Time }
 
 func (c *clock) now() time.Time { return c.t }
 
-func setup(t *testing.T) (*pcitest.Tree, *health.Checker, *clock) {
+func setup(t testing.TB) (*pcitest.Tree, *health.Checker, *clock) {
 	t.Helper()
 	tree, err := pcitest.NewServer(t.TempDir())
 	if err != nil {

@@ -35,7 +35,13 @@ func ParseAddress(s string) (Address, error) {
 	if dev > 0x1f {
 		return Address{}, fmt.Errorf("invalid PCI address %q: device number %#x is above 0x1f", s, dev)
 	}
-	return Address{Domain: uint32(dom), Bus: uint8(bus), Device: uint8(dev), Function: uint8(fn)}, nil
+	a := Address{Domain: uint32(dom), Bus: uint8(bus), Device: uint8(dev), Function: uint8(fn)}
+	// One function, one name: a domain with extra leading zeros would
+	// give a device a second DRA name and match no sysfs entry.
+	if a.String() != s {
+		return Address{}, fmt.Errorf("invalid PCI address %q: the kernel writes it %q", s, a.String())
+	}
+	return a, nil
 }
 
 // String returns the sysfs form, e.g. "0000:3b:00.0".

@@ -241,17 +241,22 @@ func (f *FS) read(d *Device) error {
 	}
 
 	ints := []struct {
-		file string
-		dst  *int
+		file  string
+		dst   *int
+		count bool
 	}{
-		{"numa_node", &d.NUMANode},
-		{"sriov_totalvfs", &d.SRIOVTotalVFs},
-		{"sriov_numvfs", &d.SRIOVNumVFs},
+		{"numa_node", &d.NUMANode, false},
+		{"sriov_totalvfs", &d.SRIOVTotalVFs, true},
+		{"sriov_numvfs", &d.SRIOVNumVFs, true},
 	}
 	for _, i := range ints {
 		v, ok, err := readInt(filepath.Join(dir, i.file))
 		if err != nil {
 			return err
+		}
+		if ok && i.count && v < 0 {
+			// A negative VF count would read as "no VFs enabled".
+			return fmt.Errorf("%s: %d is not a count", filepath.Join(dir, i.file), v)
 		}
 		if ok {
 			*i.dst = v
