@@ -106,6 +106,7 @@ func Decide(devices []*pci.Device, groups map[int][]pci.Address, cfg *v1alpha1.D
 	for _, d := range devices {
 		byAddr[d.Address] = d
 	}
+	host = behindEndpoints(devices, byAddr, host)
 	inv := &Inventory{}
 	// First each function on its own, then whole groups: binding one
 	// member takes every endpoint of its group away from the host.
@@ -275,6 +276,54 @@ func hostReason(d *pci.Device, host *HostUse) string {
 		why = host.Unavailable
 	}
 	return fmt.Sprintf("host view unavailable (%s): storage and network controllers stay with the host", why)
+}
+
+// behindEndpoints adds to the host view the endpoints that a function in
+// use sits below: a VMD controller (an endpoint that owns a PCI domain of
+// its own) whose NVMe drive holds the root file system takes that drive
+// with it when it is bound to vfio-pci. Bridges above a function in use
+// are no such case: they are never handed out.
+func behindEndpoints(devices []*pci.Device, byAddr map[pci.Address]*pci.Device, host *HostUse) *HostUse {
+	if host == nil || len(host.InUse) == 0 {
+		return host
+	}
+	var added map[pci.Address]string
+	for _, d := range devices {
+		evidence, ok := host.InUse[d.Address]
+		if !ok {
+			continue
+		}
+		for _, elem := range strings.Split(d.Path, "/") {
+			a, err := pci.ParseAddress(elem)
+			if err != nil || a == d.Address {
+				continue
+			}
+			up, ok := byAddr[a]
+			if !ok || up.IsBridge() {
+				continue
+			}
+			if _, done := host.InUse[a]; done {
+				continue
+			}
+			if added == nil {
+				added = map[pci.Address]string{}
+			}
+			if _, done := added[a]; !done {
+				added[a] = fmt.Sprintf("%s, through %s below it", evidence, d.Address)
+			}
+		}
+	}
+	if added == nil {
+		return host
+	}
+	out := &HostUse{InUse: make(map[pci.Address]string, len(host.InUse)+len(added)), Unavailable: host.Unavailable}
+	for a, e := range host.InUse {
+		out.InUse[a] = e
+	}
+	for a, e := range added {
+		out.InUse[a] = e
+	}
+	return out
 }
 
 func (h *HostUse) inUse(a pci.Address) (string, bool) {

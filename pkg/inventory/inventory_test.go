@@ -361,3 +361,28 @@ func TestDecidePlatformGroup(t *testing.T) {
 		t.Errorf("offered %v, want the USB controller and the NIC", got)
 	}
 }
+
+// TestDecideInUseBehindAnEndpoint: an NVMe drive behind a VMD controller
+// holds the root file system; handing out the VMD would take the drive, so
+// the VMD is in use too. The root port above both is a bridge as before.
+func TestDecideInUseBehindAnEndpoint(t *testing.T) {
+	endpoint, bridge, one := pci.HeaderEndpoint, pci.HeaderBridge, 1
+	addr := func(s string) pci.Address { a, _ := pci.ParseAddress(s); return a }
+	g1, g2 := 1, 2
+	port := &pci.Device{Address: addr("0000:00:1c.0"), Path: "devices/pci0000:00/0000:00:1c.0", Class: 0x060400, Driver: "pcieport", HeaderType: &bridge, IOMMUGroup: &g1}
+	vmd := &pci.Device{Address: addr("0000:00:0e.0"), Path: "devices/pci0000:00/0000:00:0e.0", Class: 0x010400, Driver: "vmd", HeaderType: &endpoint, BARs: &one, IOMMUGroup: &g2}
+	nvme := &pci.Device{Address: addr("10000:01:00.0"), Path: "devices/pci0000:00/0000:00:0e.0/pci10000:00/10000:00:01.0/10000:01:00.0",
+		Class: 0x010802, Driver: "nvme", HeaderType: &endpoint, BARs: &one}
+	host := &inventory.HostUse{InUse: map[pci.Address]string{nvme.Address: "/ (nvme0n1p2)"}}
+	inv := inventory.Decide([]*pci.Device{port, vmd, nvme}, map[int][]pci.Address{1: {port.Address}, 2: {vmd.Address}}, nil, host)
+	got := reasons(inv)
+	if want := "in use: / (nvme0n1p2), through 10000:01:00.0 below it"; got["0000:00:0e.0"] != want {
+		t.Errorf("VMD: %q, want %q", got["0000:00:0e.0"], want)
+	}
+	if want := "bridge: PCI-to-PCI (header type 1)"; got["0000:00:1c.0"] != want {
+		t.Errorf("root port: %q, want %q", got["0000:00:1c.0"], want)
+	}
+	if len(host.InUse) != 1 {
+		t.Errorf("the caller's host view was changed: %v", host.InUse)
+	}
+}
