@@ -609,11 +609,18 @@ func (s *suite) binderBlockedUnbind(t *topology) {
 		} else {
 			s.ok("%s: the driver link is gone while the unbind is blocked", label)
 		}
+		// A retry (the kubelet's) must not start a second blocked access:
+		// the binder knows the unbind is still stuck and fails at once.
+		start = time.Now()
 		err = short.Restore(context.Background(), origs, target)
-		if !errors.As(err, &se) || se.Address != a.String() || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrTimeout) {
-			s.fail("%s: a second Restore while the unbind is blocked: %v, want ErrTimeout at %q", label, err, vfio.StepReadState)
-		} else {
-			s.ok("%s: a second Restore while the unbind is blocked: reading driver_override blocks too: %v", label, err)
+		took = time.Since(start)
+		switch {
+		case !errors.As(err, &se) || se.Address != a.String() || se.Step != vfio.StepReadState || !errors.Is(err, vfio.ErrBlocked):
+			s.fail("%s: a second Restore while the unbind is blocked: %v, want ErrBlocked at %q", label, err, vfio.StepReadState)
+		case took > timeout/2:
+			s.fail("%s: a second Restore while the unbind is blocked returned after %v, want at once", label, took)
+		default:
+			s.ok("%s: a second Restore while the unbind is blocked fails at once after %v: %v", label, took.Round(time.Millisecond), err)
 		}
 
 		// Closing the fd lets the blocked unbind finish and release the
