@@ -24,6 +24,13 @@ func scanServerHost(t *testing.T, cfg *v1alpha1.DriverConfiguration, host *inven
 	if _, err := pcitest.NewServer(root); err != nil {
 		t.Fatal(err)
 	}
+	return scanTree(t, root, cfg, host)
+}
+
+// scanTree scans the sysfs tree laid out at root as the plugin does and
+// fails the test on any problem.
+func scanTree(t *testing.T, root string, cfg *v1alpha1.DriverConfiguration, host *inventory.HostUse) *inventory.Inventory {
+	t.Helper()
 	fs, err := pci.NewFS(root)
 	if err != nil {
 		t.Fatal(err)

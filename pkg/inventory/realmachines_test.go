@@ -36,17 +36,7 @@ func scanMachine(t *testing.T, name string, cfg *v1alpha1.DriverConfiguration, h
 	if _, err := pcitest.NewMachine(root, m); err != nil {
 		t.Fatal(err)
 	}
-	fs, err := pci.NewFS(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	inv, err := inventory.Scan(fs, cfg, nil, host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(inv.Problems) > 0 {
-		t.Fatalf("problems: %v", inv.Problems)
-	}
+	inv := scanTree(t, root, cfg, host)
 	if len(inv.Decisions) != len(m.Functions) {
 		t.Fatalf("%d decisions for %d functions", len(inv.Decisions), len(m.Functions))
 	}
