@@ -44,53 +44,20 @@ type verdict struct {
 // the claim is unprepared, the device is no longer published. An unclaimed
 // device that disappeared is simply no longer published.
 func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkpoint.Checkpoint, deep bool) verdict {
-	byAddr := map[pci.Address]health.Function{}
-	owners := map[pci.Address][]string{}
+	targets := health.TargetsOf(inv.Decisions, cp)
 	offered := map[pci.Address]bool{}
 	for _, dec := range inv.Offered() {
-		a := dec.Device.Address
-		offered[a] = true
-		byAddr[a] = health.Function{Address: a}
-		owners[a] = []string{a.DeviceName()}
-		d.seen[a] = dec
-	}
-	held := map[pci.Address]checkpoint.Device{}
-	for _, c := range cp.Claims {
-		if c.State != checkpoint.PrepareCompleted {
-			continue // in flux: judged once the prepare finished or was undone
-		}
-		for _, dev := range c.Devices {
-			i := slices.IndexFunc(c.Groups, func(g checkpoint.Group) bool { return g.Number == dev.IOMMUGroup })
-			if i < 0 {
-				continue
-			}
-			if a, err := pci.ParseAddress(dev.PCIAddress); err == nil {
-				held[a] = dev
-			}
-			// The functions that moved with the device are its health too.
-			for _, m := range c.Groups[i].Members {
-				a, err := pci.ParseAddress(m.Address)
-				if err != nil {
-					continue
-				}
-				byAddr[a] = health.Function{Address: a, BoundTo: c.Groups[i].Target}
-				if !slices.Contains(owners[a], dev.Device) {
-					owners[a] = append(owners[a], dev.Device)
-				}
-			}
-		}
+		offered[dec.Device.Address] = true
+		d.seen[dec.Device.Address] = dec
 	}
 	for a := range d.seen {
-		if _, ok := byAddr[a]; !ok {
+		if _, ok := targets.Owners[a]; !ok {
 			delete(d.seen, a)
 		}
 	}
+	held := targets.Held
 
-	fns := make([]health.Function, 0, len(byAddr))
-	for _, fn := range byAddr {
-		fns = append(fns, fn)
-	}
-	results, errs := d.health.Check(fns, deep)
+	results, errs := d.health.Check(targets.Functions, deep)
 	logger := klog.FromContext(ctx)
 	for _, err := range errs {
 		if deep {
@@ -99,12 +66,7 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 			logger.V(4).Info("Device health check could not read an attribute", "err", err)
 		}
 	}
-	v := verdict{inv: &inventory.Inventory{Decisions: slices.Clone(inv.Decisions), Problems: inv.Problems}, status: map[string]health.Status{}}
-	for a, st := range results {
-		for _, name := range owners[a] {
-			v.status[name] = v.status[name].Merge(st)
-		}
-	}
+	v := verdict{inv: &inventory.Inventory{Decisions: slices.Clone(inv.Decisions), Problems: inv.Problems}, status: targets.ByDevice(results)}
 	for a, dev := range held {
 		if offered[a] || !v.status[dev.Device].Gone() {
 			continue
