@@ -2,6 +2,7 @@ package plugin
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"time"
 
@@ -30,6 +31,10 @@ type verdict struct {
 	inv *inventory.Inventory
 	// status is keyed by device name.
 	status map[string]health.Status
+	// attributes are what a held device that was gone before this process
+	// saw it was published with, from the checkpoint: they replace what
+	// can be told from the address alone.
+	attributes map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute
 }
 
 // judge checks the offered functions of inv and every function a prepared
@@ -55,7 +60,6 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 			delete(d.seen, a)
 		}
 	}
-	held := targets.Held
 
 	results, errs := d.health.Check(targets.Functions, deep)
 	logger := klog.FromContext(ctx)
@@ -67,15 +71,22 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 		}
 	}
 	v := verdict{inv: &inventory.Inventory{Decisions: slices.Clone(inv.Decisions), Problems: inv.Problems}, status: targets.ByDevice(results)}
-	for a, dev := range held {
+	for a, dev := range targets.Held {
 		if offered[a] || !v.status[dev.Device].Gone() {
 			continue
 		}
 		ghost, ok := d.seen[a]
 		if !ok {
 			// Gone before this process saw it (the plugin restarted):
-			// publish what the checkpoint knows, enough for the group's
-			// counter and for eviction.
+			// publish what the checkpoint knows: the attributes it was
+			// published with when the claim was prepared, the group for
+			// its counter, and the taint for eviction.
+			if len(dev.Attributes) > 0 {
+				if v.attributes == nil {
+					v.attributes = map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute{}
+				}
+				v.attributes[dev.Device] = dev.Attributes
+			}
 			group := dev.IOMMUGroup
 			ghost = inventory.Decision{Device: &pci.Device{Address: a, IOMMUGroup: &group, NUMANode: -1}}
 			for _, c := range cp.Claims {
@@ -111,7 +122,19 @@ func (v verdict) resources(driverName, nodeName string, withoutCounters bool) re
 	if withoutCounters {
 		inv = resources.WithoutSharedGroups(inv)
 	}
-	return resources.BuildTainted(nodeName, inv, taints)
+	res := resources.BuildTainted(nodeName, inv, taints)
+	if len(v.attributes) > 0 {
+		for _, pool := range res.Pools {
+			for _, slice := range pool.Slices {
+				for i := range slice.Devices {
+					if attrs, ok := v.attributes[slice.Devices[i].Name]; ok {
+						slice.Devices[i].Attributes = maps.Clone(attrs)
+					}
+				}
+			}
+		}
+	}
+	return res
 }
 
 // report tells the kubelet the health of every published device.
