@@ -6,6 +6,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/klog/v2/ktesting"
+
+	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
 )
 
 // TestHealthGoneBeforeRestart: a prepared function that disappeared while
@@ -45,5 +47,34 @@ func TestHealthGoneBeforeRestart(t *testing.T) {
 	n.publishedSlices(ctx, t, func(s []resourceapi.ResourceSlice) bool {
 		_, ok := devicesByName(s)["pci-0000-01-00-0"]
 		return !ok
+	})
+}
+
+// TestHealthAERAcrossRestart: a fatal AER count that grew while the plugin
+// was down taints the device after the restart; one counted before does
+// not.
+func TestHealthAERAcrossRestart(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	for _, a := range []string{"0000:82:00.0", "0000:83:00.0"} {
+		if err := n.tree.WriteDeviceFile(a, "aer_dev_fatal", pcitest.AERFatal(map[string]uint64{"DLP": 1})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n.start(ctx, t)
+	if err := n.driver.CheckHealth(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n.waitTaints(ctx, t, map[string][]resourceapi.DeviceTaint{})
+	n.driver.Stop()
+
+	// The SmartNIC reports a fatal error while no plugin runs.
+	if err := n.tree.WriteDeviceFile("0000:82:00.0", "aer_dev_fatal", pcitest.AERFatal(map[string]uint64{"DLP": 2})); err != nil {
+		t.Fatal(err)
+	}
+	n.start(ctx, t)
+	n.waitTaints(ctx, t, map[string][]resourceapi.DeviceTaint{
+		"pci-0000-82-00-0": {noSchedule("vfio.dra.dev/unhealthy", "aer-fatal")},
 	})
 }
