@@ -85,11 +85,11 @@ func (s *Store) Update(mutate func(*Checkpoint) error) error {
 	// The extras first: a claim is in the checkpoint file only once its
 	// extras are written (Get reads in the other order).
 	if newExtras != nil && !bytes.Equal(newExtras, oldExtras) {
-		if err := WriteFileAtomic(s.extras, newExtras); err != nil {
+		if err := writeFileAtomic(s.extras, newExtras); err != nil {
 			return fmt.Errorf("write checkpoint %s: %w", s.extras, err)
 		}
 	}
-	if err := WriteFileAtomic(s.path, data); err != nil {
+	if err := writeFileAtomic(s.path, data); err != nil {
 		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
 	}
 	if newExtras == nil && oldExtras != nil {
@@ -235,11 +235,15 @@ func checksum(data []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// WriteFileAtomic replaces path with data so that a crash leaves either the
+// WriteFileAtomic replaces path with data as the checkpoint is written, for
+// the driver's other state files.
+func WriteFileAtomic(path string, data []byte) error { return writeFileAtomic(path, data) }
+
+// writeFileAtomic replaces path with data so that a crash leaves either the
 // old or the new content: temp file in the same directory, fsync, rename,
 // fsync of the directory. The temp file is removed on failure. The file
 // gets mode 0600, its directory (if created) 0700.
-func WriteFileAtomic(path string, data []byte) (err error) {
+func writeFileAtomic(path string, data []byte) (err error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err

@@ -420,8 +420,8 @@ func TestWriteFailureLeavesNoTempFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := WriteFileAtomic(path, data); err == nil {
-		t.Fatal("WriteFileAtomic over a non-empty directory succeeded")
+	if err := writeFileAtomic(path, data); err == nil {
+		t.Fatal("writeFileAtomic over a non-empty directory succeeded")
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
