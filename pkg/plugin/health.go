@@ -109,9 +109,20 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 	return v
 }
 
-// resources returns what to publish for the verdict; withoutCounters
+// publication is what a verdict publishes: the decisions on the functions
+// and the devices' taints. Resources are built from it alone, so two equal
+// publications publish the same slices.
+type publication struct {
+	inv    *inventory.Inventory
+	taints map[string][]resourceapi.DeviceTaint
+	// attributes replace the built attributes of gone held devices (see
+	// verdict).
+	attributes map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute
+}
+
+// publication returns what to publish for the verdict; withoutCounters
 // leaves out the devices that need shared counters.
-func (v verdict) resources(driverName, nodeName string, withoutCounters bool) resourceslice.DriverResources {
+func (v verdict) publication(driverName string, withoutCounters bool) publication {
 	taints := map[string][]resourceapi.DeviceTaint{}
 	for name, st := range v.status {
 		if t := st.Taints(driverName); len(t) > 0 {
@@ -122,12 +133,17 @@ func (v verdict) resources(driverName, nodeName string, withoutCounters bool) re
 	if withoutCounters {
 		inv = resources.WithoutSharedGroups(inv)
 	}
-	res := resources.BuildTainted(nodeName, inv, taints)
-	if len(v.attributes) > 0 {
+	return publication{inv: inv, taints: taints, attributes: v.attributes}
+}
+
+// resources builds the slices of the publication.
+func (p publication) resources(nodeName string) resourceslice.DriverResources {
+	res := resources.BuildTainted(nodeName, p.inv, p.taints)
+	if len(p.attributes) > 0 {
 		for _, pool := range res.Pools {
 			for _, slice := range pool.Slices {
 				for i := range slice.Devices {
-					if attrs, ok := v.attributes[slice.Devices[i].Name]; ok {
+					if attrs, ok := p.attributes[slice.Devices[i].Name]; ok {
 						slice.Devices[i].Attributes = maps.Clone(attrs)
 					}
 				}
@@ -135,6 +151,15 @@ func (v verdict) resources(driverName, nodeName string, withoutCounters bool) re
 		}
 	}
 	return res
+}
+
+// equal reports whether p publishes what o (nil: nothing yet) published,
+// without building either: an unchanged rescan costs no rebuild and no
+// deep comparison of the slices.
+func (p publication) equal(o *publication) bool {
+	return o != nil && inventory.EqualDecisions(p.inv.Decisions, o.inv.Decisions) &&
+		maps.EqualFunc(p.taints, o.taints, slices.Equal[[]resourceapi.DeviceTaint]) &&
+		equality.Semantic.DeepEqual(p.attributes, o.attributes)
 }
 
 // report tells the kubelet the health of every published device.
@@ -192,7 +217,7 @@ func (d *Driver) CheckHealth(ctx context.Context) error {
 	}
 	v := d.judge(ctx, inv, cp, false)
 	d.scanMu.Unlock()
-	if published == nil || !equality.Semantic.DeepEqual(*published, v.resources(d.cfg.DriverName, d.cfg.NodeName, d.countersDropped.Load())) {
+	if !v.publication(d.cfg.DriverName, d.countersDropped.Load()).equal(published) {
 		_, err := d.Resync(ctx)
 		return err
 	}
