@@ -167,6 +167,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		d.Stop()
 		return nil, err
 	}
+	d.watchSlices(d.backgroundCtx)
 	cfg.Metrics.SetPreparedClaimsSource(d.preparedClaims)
 	cfg.Metrics.SetReady(true)
 	return d, nil
