@@ -116,10 +116,11 @@ func (d *Driver) republish(ctx context.Context) int {
 	if d.published == nil {
 		return 0
 	}
-	if err := d.helper.PublishResources(ctx, *d.published); err != nil {
+	res := d.published.resources(d.cfg.NodeName)
+	if err := d.helper.PublishResources(ctx, res); err != nil {
 		klog.FromContext(ctx).Error(err, "Republishing deleted ResourceSlices")
 	}
-	return len(d.published.Pools[d.cfg.NodeName].Slices)
+	return len(res.Pools[d.cfg.NodeName].Slices)
 }
 
 // publishedSlices counts the slices of pool with its highest generation.
