@@ -77,8 +77,8 @@ func TestMeasurements(t *testing.T) {
 	nodes := []*measuredNode{{pfs: 1, vfsPerPF: 8}, {pfs: 1, vfsPerPF: 128}, {pfs: 4, vfsPerPF: 256}}
 	for _, m := range nodes {
 		startMeasuredNode(ctx, t, cp, m)
-		t.Logf("MEASURE %d devices: plugin start to all slices visible %v, RSS after publishing %.1f MiB",
-			m.devices(), m.startup.Round(time.Millisecond), mib(m.rssPublished))
+		t.Logf("MEASURE %d devices: plugin start to all slices visible %v, RSS after publishing %.1f MiB (%s)",
+			m.devices(), m.startup.Round(time.Millisecond), mib(m.rssPublished), memoryParts(ctx, t, m))
 	}
 	small, large := nodes[0], nodes[2]
 
@@ -105,8 +105,8 @@ func TestMeasurements(t *testing.T) {
 	rescans := rescanCounts(ctx, t, large)
 	for _, m := range nodes {
 		m.rssIdle = rss(t, m.node.Plugin)
-		t.Logf("MEASURE %d devices: RSS after %v idle with a rescan every %v: %.1f MiB",
-			m.devices(), measureIdle, measureRescanInterval, mib(m.rssIdle))
+		t.Logf("MEASURE %d devices: RSS after %v idle with a rescan every %v: %.1f MiB (%s)",
+			m.devices(), measureIdle, measureRescanInterval, mib(m.rssIdle), memoryParts(ctx, t, m))
 	}
 	unchanged := rescans["unchanged"] - rescansBefore["unchanged"]
 	t.Logf("idle: %v rescans that found nothing changed at %d devices; ResourceSlice requests %v", unchanged, large.devices(), before.delta(after))
@@ -273,22 +273,40 @@ func freePort() (int, error) {
 // rss returns the resident set of a process, from /proc/PID/status.
 func rss(t *testing.T, p *framework.Process) int64 {
 	t.Helper()
+	return procStatus(t, p, "VmRSS")
+}
+
+// procStatus returns one of the sizes of /proc/PID/status, in bytes.
+func procStatus(t *testing.T, p *framework.Process, field string) int64 {
+	t.Helper()
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Pid()))
 	if err != nil {
-		t.Fatalf("RSS of %s: %v", p.Name, err)
+		t.Fatalf("%s of %s: %v", field, p.Name, err)
 	}
 	s := bufio.NewScanner(bytes.NewReader(data))
 	for s.Scan() {
-		if v, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(s.Text(), field+":"); ok {
 			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			if err != nil {
-				t.Fatalf("RSS of %s: %q: %v", p.Name, s.Text(), err)
+				t.Fatalf("%s of %s: %q: %v", field, p.Name, s.Text(), err)
 			}
 			return kb << 10
 		}
 	}
-	t.Fatalf("RSS of %s: no VmRSS in /proc/%d/status", p.Name, p.Pid())
+	t.Fatalf("%s of %s: not in /proc/%d/status", field, p.Name, p.Pid())
 	return 0
+}
+
+// memoryParts says what the resident set is made of: anonymous memory
+// (the Go heap, stacks, the runtime) and file pages (mostly the binary's),
+// and the Go heap as the plugin's own metrics show it.
+func memoryParts(ctx context.Context, t *testing.T, m *measuredNode) string {
+	t.Helper()
+	f := pluginMetrics(ctx, t, m)
+	heap, _ := f.value("go_memstats_heap_inuse_bytes", nil)
+	next, _ := f.value("go_memstats_next_gc_bytes", nil)
+	return fmt.Sprintf("RssAnon %.1f MiB, RssFile %.1f MiB; Go heap in use %.1f MiB, next GC at %.1f MiB",
+		mib(procStatus(t, m.node.Plugin, "RssAnon")), mib(procStatus(t, m.node.Plugin, "RssFile")), heap/(1<<20), next/(1<<20))
 }
 
 // families is a parsed Prometheus text exposition.
