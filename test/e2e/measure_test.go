@@ -149,19 +149,19 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 // layOutSRIOVNode returns a Layout of pcitest.SRIOVNode with the host's
 // default route on the first PF (which is not offered while its VFs are
 // enabled), so that the host view can be read and uses nothing offered.
-func layOutSRIOVNode(pfs, vfsPerPF int) func(sysfsRoot, procRoot string) error {
-	return func(sysfsRoot, procRoot string) error {
+func layOutSRIOVNode(pfs, vfsPerPF int) func(sysfsRoot, procRoot string) (*hostviewtest.Host, error) {
+	return func(sysfsRoot, procRoot string) (*hostviewtest.Host, error) {
 		if _, err := pcitest.NewSRIOVNode(sysfsRoot, pfs, vfsPerPF); err != nil {
-			return err
+			return nil, err
 		}
 		h, err := hostviewtest.New(sysfsRoot, procRoot)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if err := h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: "0000:10:00.0"}); err != nil {
-			return err
+			return nil, err
 		}
-		return h.AddRoute("ens1f0", netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("10.0.0.1"))
+		return h, h.AddRoute("ens1f0", netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("10.0.0.1"))
 	}
 }
 

@@ -56,8 +56,9 @@ type NodeOptions struct {
 	KubeletRootDir string
 	// Layout lays out the node's sysfs tree and host view below sysfsRoot
 	// and procRoot instead of the demo server's (pcitest.NewServer and
-	// hostviewtest.Server), e.g. pcitest.NewSRIOVNode and hostviewtest.New.
-	Layout func(sysfsRoot, procRoot string) error
+	// hostviewtest.Server), e.g. pcitest.NewSRIOVNode and hostviewtest.New,
+	// and returns the host view (Node.Host).
+	Layout func(sysfsRoot, procRoot string) (*hostviewtest.Host, error)
 	// Registrations, with KubeletRootDir, counts how often the kubelet has
 	// connected to the plugin; StartPlugin waits until it grows.
 	Registrations func() (int, error)
@@ -81,6 +82,9 @@ type Node struct {
 	SysfsRoot, DevRoot, ProcRoot, CDIRoot, PluginDataDir, RegistrarDir string
 	// BootID is what the plugin reads from ProcRoot.
 	BootID string
+	// Host is what the host uses, as the plugin's host view reads it
+	// below SysfsRoot and ProcRoot; a test may add to it.
+	Host *hostviewtest.Host
 
 	Emulator, Plugin *Process
 	// DRA is connected to the running plugin's DRA service; StartPlugin
@@ -152,7 +156,7 @@ func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, sta
 		return nil, err
 	}
 	if opts.Layout != nil {
-		if err := opts.Layout(n.SysfsRoot, n.ProcRoot); err != nil {
+		if n.Host, err = opts.Layout(n.SysfsRoot, n.ProcRoot); err != nil {
 			return nil, fmt.Errorf("lay out node %s: %w", opts.Name, err)
 		}
 	} else {
@@ -161,7 +165,7 @@ func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, sta
 		}
 		// What the host uses: root on the chipset's SATA disk, the default
 		// route on the SR-IOV PF; nothing the server offers.
-		if _, err := hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
+		if n.Host, err = hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
 			return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
 		}
 	}
@@ -276,6 +280,15 @@ func (n *Node) StartPlugin(ctx context.Context) error {
 			}
 			if count <= registered {
 				return fmt.Errorf("the kubelet has not connected to plugin %s yet", name)
+			}
+			// The kubelet connects as soon as the registration socket
+			// listens, before the plugin has published.
+			data, err := os.ReadFile(p.LogPath)
+			if err != nil {
+				return err
+			}
+			if !bytes.Contains(data, []byte(`"Kubelet plugin started"`)) {
+				return fmt.Errorf("plugin %s has not finished starting", name)
 			}
 			return nil
 		})
