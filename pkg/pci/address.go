@@ -52,7 +52,7 @@ func (a Address) String() string {
 // DeviceName returns the DRA device name for the function: a DNS label
 // derived from the address, e.g. "pci-0000-3b-00-0".
 func (a Address) DeviceName() string {
-	return "pci-" + strings.NewReplacer(":", "-", ".", "-").Replace(a.String())
+	return fmt.Sprintf("pci-%04x-%02x-%02x-%x", a.Domain, a.Bus, a.Device, a.Function)
 }
 
 // ParseDeviceName is the inverse of Address.DeviceName.

@@ -3,7 +3,6 @@ package pci
 import (
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -43,7 +42,7 @@ func NewFS(root string) (*FS, error) {
 	if !st.IsDir() {
 		return nil, fmt.Errorf("sysfs root %s: not a directory", root)
 	}
-	return &FS{root: root}, nil
+	return &FS{root: filepath.Clean(root)}, nil
 }
 
 // Path joins relative sysfs path elements below the root.
@@ -195,7 +194,8 @@ func (f *FS) read(d *Device) error {
 		d.Parent = &parent
 	}
 
-	dir := f.Path(rel)
+	// dir is clean: the attributes' paths are joined by hand, once each.
+	dir := f.root + "/" + rel
 	hex16 := []struct {
 		file     string
 		dst      *uint16
@@ -207,7 +207,7 @@ func (f *FS) read(d *Device) error {
 		{"subsystem_device", &d.SubsystemDeviceID, false},
 	}
 	for _, h := range hex16 {
-		v, err := readHex(filepath.Join(dir, h.file), 16)
+		v, err := readHex(dir+"/"+h.file, 16)
 		if errors.Is(err, fs.ErrNotExist) && !h.required {
 			continue
 		}
@@ -216,26 +216,26 @@ func (f *FS) read(d *Device) error {
 		}
 		*h.dst = uint16(v)
 	}
-	class, err := readHex(filepath.Join(dir, "class"), 24)
+	class, err := readHex(dir+"/class", 24)
 	if err != nil {
 		return err
 	}
 	d.Class = uint32(class)
 
-	if d.Driver, err = linkBase(filepath.Join(dir, "driver")); err != nil {
+	if d.Driver, err = linkBase(dir + "/driver"); err != nil {
 		return err
 	}
 	// driver_override is not read here: the kernel blocks reads of it
 	// while an unbind of the device waits for a VFIO user, and discovery
 	// must not hang. The binder reads it, bounded, when it needs it.
-	group, err := linkBase(filepath.Join(dir, "iommu_group"))
+	group, err := linkBase(dir + "/iommu_group")
 	if err != nil {
 		return err
 	}
 	if group != "" {
 		n, err := strconv.Atoi(group)
 		if err != nil || n < 0 {
-			return fmt.Errorf("%s: group %q is not a number", filepath.Join(dir, "iommu_group"), group)
+			return fmt.Errorf("%s: group %q is not a number", dir+"/iommu_group", group)
 		}
 		d.IOMMUGroup = &n
 	}
@@ -249,14 +249,18 @@ func (f *FS) read(d *Device) error {
 		{"sriov_totalvfs", &d.SRIOVTotalVFs, true},
 		{"sriov_numvfs", &d.SRIOVNumVFs, true},
 	}
+	// Only a function with SR-IOV has sriov_totalvfs, and only such a
+	// physical function has virtfnN links.
+	sriov := false
 	for _, i := range ints {
-		v, ok, err := readInt(filepath.Join(dir, i.file))
+		v, ok, err := readInt(dir + "/" + i.file)
 		if err != nil {
 			return err
 		}
+		sriov = sriov || (ok && i.file == "sriov_totalvfs")
 		if ok && i.count && v < 0 {
 			// A negative VF count would read as "no VFs enabled".
-			return fmt.Errorf("%s: %d is not a count", filepath.Join(dir, i.file), v)
+			return fmt.Errorf("%s: %d is not a count", dir+"/"+i.file, v)
 		}
 		if ok {
 			*i.dst = v
@@ -265,26 +269,28 @@ func (f *FS) read(d *Device) error {
 	if d.NUMANode < 0 {
 		d.NUMANode = -1
 	}
-	bootVGA, ok, err := readInt(filepath.Join(dir, "boot_vga"))
+	bootVGA, ok, err := readInt(dir + "/boot_vga")
 	if err != nil {
 		return err
 	}
 	d.BootVGA = ok && bootVGA == 1
 
-	physfn, err := linkBase(filepath.Join(dir, "physfn"))
+	physfn, err := linkBase(dir + "/physfn")
 	if err != nil {
 		return err
 	}
 	if physfn != "" {
 		a, err := ParseAddress(physfn)
 		if err != nil {
-			return fmt.Errorf("%s: %w", filepath.Join(dir, "physfn"), err)
+			return fmt.Errorf("%s: %w", dir+"/physfn", err)
 		}
 		d.PhysFn = &a
 	}
-	virtfns, err := filepath.Glob(filepath.Join(dir, "virtfn*"))
-	if err != nil {
-		return err
+	var virtfns []string
+	if sriov {
+		if virtfns, err = filepath.Glob(dir + "/virtfn*"); err != nil {
+			return err
+		}
 	}
 	for _, v := range virtfns {
 		base, err := linkBase(v)
@@ -366,15 +372,10 @@ func ReadDriverOverride(file string) (string, error) {
 // readAttr reads a sysfs attribute with one bounded read and trims
 // surrounding white space.
 func readAttr(file string) (string, error) {
-	fh, err := os.Open(file)
+	var buf [maxAttrSize]byte
+	n, err := readOnce(file, buf[:])
 	if err != nil {
 		return "", err
-	}
-	defer fh.Close() //nolint:errcheck // opened read-only
-	buf := make([]byte, maxAttrSize)
-	n, err := fh.Read(buf)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return "", fmt.Errorf("read %s: %w", file, err)
 	}
 	return strings.TrimSpace(string(buf[:n])), nil
 }
