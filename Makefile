@@ -34,6 +34,7 @@ FUZZ_TARGETS = \
 	./pkg/cdispec:FuzzSpec \
 	./pkg/checkpoint:FuzzDecode \
 	./pkg/checkpoint:FuzzDecodeData \
+	./pkg/checkpoint:FuzzDecodeExtras \
 	./pkg/health:FuzzHealthFiles \
 	./pkg/health:FuzzParseAERTotal \
 	./pkg/pci:FuzzDeviceAttribute \

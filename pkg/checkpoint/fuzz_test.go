@@ -84,3 +84,4 @@ func FuzzDecodeData(f *testing.F) {
 		roundTrip(t, cp)
 	})
 }
+
