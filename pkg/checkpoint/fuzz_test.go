@@ -84,4 +84,3 @@ func FuzzDecodeData(f *testing.F) {
 		roundTrip(t, cp)
 	})
 }
-
