@@ -129,7 +129,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		rollbackFailed: make(chan struct{}, 1),
 		logged:         map[pci.Address]bool{},
 
-		health:   health.NewChecker(fs, health.Options{}),
+		health:   health.NewChecker(fs, health.Options{StateFile: filepath.Join(cfg.PluginDataDir, healthStateFile)}),
 		reporter: health.NewReporter(),
 		seen:     map[pci.Address]inventory.Decision{},
 	}
@@ -234,7 +234,9 @@ func (d *Driver) Wait(ctx context.Context) error {
 
 // Resync scans sysfs and publishes the result if it differs from what was
 // published last. It reports whether it published.
-func (d *Driver) Resync(ctx context.Context) (bool, error) {
+func (d *Driver) Resync(ctx context.Context) (published bool, err error) {
+	start := time.Now()
+	defer func() { d.cfg.Metrics.ObserveRescan(time.Since(start), published, err) }()
 	logger := klog.FromContext(ctx)
 	if err := d.removeOrphans(ctx); err != nil {
 		logger.Error(err, "Removing CDI specs and device metadata that no claim owns")
@@ -422,8 +424,12 @@ func (d *Driver) removeOrphans(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// checkpointFile is the checkpoint's name in the plugin data directory.
-const checkpointFile = "checkpoint.json"
+// checkpointFile is the checkpoint's name in the plugin data directory;
+// healthStateFile keeps the health checks' fatal AER counts there.
+const (
+	checkpointFile  = "checkpoint.json"
+	healthStateFile = "health.json"
+)
 
 // forgetOtherBoots drops claims checkpointed in an earlier boot: a reboot
 // reset every driver binding and driver_override, so there is nothing left
