@@ -87,7 +87,8 @@ type Device struct {
 // Group is one IOMMU group whose members the driver bound to Target.
 type Group struct {
 	Number int `json:"number"`
-	// Target is the driver the members were bound to, e.g. "vfio-pci".
+	// Target is the driver the members were bound to, e.g. "vfio-pci",
+	// except those with a Target of their own.
 	Target string `json:"target"`
 	// Restore says whether unprepare gives the members back to their
 	// original drivers.
@@ -104,6 +105,19 @@ type Member struct {
 	Address        string `json:"address"`
 	Driver         string `json:"driver,omitempty"`
 	DriverOverride string `json:"driverOverride,omitempty"`
+	// Target is the driver this member was bound to when it is not the
+	// group's: driver "auto" picks a variant per function. It is written
+	// only then, so that a checkpoint without such a group stays readable
+	// by versions before this field, whose decoder refuses unknown fields.
+	Target string `json:"target,omitempty"`
+}
+
+// TargetOf returns the driver member m of g was bound to.
+func (g Group) TargetOf(m Member) string {
+	if m.Target != "" {
+		return m.Target
+	}
+	return g.Target
 }
 
 // New returns an empty checkpoint whose Claims map is ready for use.

@@ -72,7 +72,7 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 				if err != nil {
 					continue
 				}
-				byAddr[a] = health.Function{Address: a, BoundTo: c.Groups[i].Target}
+				byAddr[a] = health.Function{Address: a, BoundTo: c.Groups[i].TargetOf(m)}
 				if !slices.Contains(owners[a], dev.Device) {
 					owners[a] = append(owners[a], dev.Device)
 				}
