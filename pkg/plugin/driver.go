@@ -60,6 +60,8 @@ type Driver struct {
 	// counters (DRAPartitionableDevices off): then only devices whose
 	// IOMMU group has no other offered member are published.
 	countersDropped atomic.Bool
+	// lastHealth is the verdict of the last check, for the metrics.
+	lastHealth atomic.Pointer[[]metrics.DeviceHealth]
 	// backgroundCtx is the context of the background work.
 	backgroundCtx context.Context
 
@@ -168,6 +170,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	cfg.Metrics.SetPreparedClaimsSource(d.preparedClaims)
+	cfg.Metrics.SetHealthSource(d.deviceHealth)
 	cfg.Metrics.SetReady(true)
 	return d, nil
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 )
@@ -155,6 +156,7 @@ func (v verdict) resources(driverName, nodeName string, withoutCounters bool) re
 func (d *Driver) report(v verdict) {
 	now := time.Now()
 	var out []kubeletplugin.DeviceHealth
+	var forMetrics []metrics.DeviceHealth
 	for _, dec := range v.inv.Offered() {
 		name := dec.Device.Address.DeviceName()
 		st := v.status[name]
@@ -168,8 +170,23 @@ func (d *Driver) report(v verdict) {
 			h.Health = kubeletplugin.HealthStatusUnhealthy
 		}
 		out = append(out, h)
+		mh := metrics.DeviceHealth{Device: name, Healthy: st.Healthy()}
+		for _, t := range st.Taints(d.cfg.DriverName) {
+			mh.Taints = append(mh.Taints, metrics.Taint{Key: t.Key, Effect: string(t.Effect)})
+		}
+		forMetrics = append(forMetrics, mh)
 	}
 	d.reporter.Set(out)
+	d.lastHealth.Store(&forMetrics)
+}
+
+// deviceHealth is the metrics' health source: the verdict of the last
+// check, as reported to the kubelet.
+func (d *Driver) deviceHealth() []metrics.DeviceHealth {
+	if h := d.lastHealth.Load(); h != nil {
+		return *h
+	}
+	return nil
 }
 
 // CheckHealth runs the cheap health checks on what was last scanned and

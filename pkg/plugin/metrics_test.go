@@ -15,6 +15,7 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/metrics"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
 )
 
 // TestMetrics: what the plugin does through the kubelet's gRPC API shows
@@ -116,4 +117,96 @@ func TestMetrics(t *testing.T) {
 	if n, err := testutil.GatherAndCount(m.Registry(), "vfio_dra_functions"); err != nil || n < 3 {
 		t.Errorf("vfio_dra_functions has %d series (%v)", n, err)
 	}
+}
+
+// TestMetricsHealth: the verdicts of the health checks show in the
+// health and taint metrics, from the first publication on, and follow a
+// device that fails and recovers.
+func TestMetricsHealth(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	e := newEnv(t)
+	m := metrics.New()
+	e.cfg.Metrics = m
+	// Every offered function but the FPGA can be reset.
+	for _, a := range []string{"0000:01:00.0", "0000:01:00.1", "0000:02:01.0", "0000:02:02.0", "0000:03:00.0", "0000:03:00.1", "0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:83:00.0"} {
+		if err := e.tree.WriteDeviceFile(a, "reset_method", "flr bus\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := plugin.Start(ctx, e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Stop()
+
+	check := func(when string, want string, names ...string) {
+		t.Helper()
+		if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want), names...); err != nil {
+			t.Errorf("%s: %v", when, err)
+		}
+	}
+	const head = `
+# HELP vfio_dra_devices Published devices by health.
+# TYPE vfio_dra_devices gauge
+# HELP vfio_dra_device_unhealthy 1 for each published device that is unhealthy.
+# TYPE vfio_dra_device_unhealthy gauge
+# HELP vfio_dra_device_taints Taints on published devices, by key and effect.
+# TYPE vfio_dra_device_taints gauge
+`
+	names := []string{"vfio_dra_devices", "vfio_dra_device_unhealthy", "vfio_dra_device_taints"}
+	check("after start", head+`
+vfio_dra_devices{health="healthy"} 11
+vfio_dra_devices{health="unhealthy"} 0
+vfio_dra_device_taints{effect="None",key="vfio.dra.dev/no-reset"} 1
+`, names...)
+
+	// The SmartNIC falls off the bus.
+	if err := e.tree.WriteDeviceFile("0000:82:00.0", "config", strings.Repeat("\xff", 256)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Resync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("off the bus", head+`
+vfio_dra_devices{health="healthy"} 10
+vfio_dra_devices{health="unhealthy"} 1
+vfio_dra_device_unhealthy{device="pci-0000-82-00-0"} 1
+vfio_dra_device_taints{effect="None",key="vfio.dra.dev/no-reset"} 1
+vfio_dra_device_taints{effect="NoSchedule",key="vfio.dra.dev/unhealthy"} 1
+`, names...)
+
+	// It answers again (config space is read at each rescan).
+	if err := e.tree.WriteDeviceFile("0000:82:00.0", "config", "\xee\x19\x00\x40"+strings.Repeat("\x00", 252)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Resync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("back on the bus", head+`
+vfio_dra_devices{health="healthy"} 11
+vfio_dra_devices{health="unhealthy"} 0
+vfio_dra_device_taints{effect="None",key="vfio.dra.dev/no-reset"} 1
+`, names...)
+
+	// A fatal AER error is seen by the cheap check alone.
+	if err := e.tree.WriteDeviceFile("0000:83:00.0", "aer_dev_fatal", pcitest.AERFatal(nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.CheckHealth(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.tree.WriteDeviceFile("0000:83:00.0", "aer_dev_fatal", pcitest.AERFatal(map[string]uint64{"CmpltTO": 1})); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.CheckHealth(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("fatal AER error", head+`
+vfio_dra_devices{health="healthy"} 10
+vfio_dra_devices{health="unhealthy"} 1
+vfio_dra_device_unhealthy{device="pci-0000-83-00-0"} 1
+vfio_dra_device_taints{effect="None",key="vfio.dra.dev/no-reset"} 1
+vfio_dra_device_taints{effect="NoSchedule",key="vfio.dra.dev/unhealthy"} 1
+`, names...)
 }
