@@ -164,6 +164,10 @@ func (d *Driver) targets(cfg v1alpha1.VfioConfig, members []pci.Address) ([]stri
 			out[i] = byAddr[a]
 		}
 	default:
+		// Before anything moves: never a host driver.
+		if err := vfio.CheckDriver(cfg.Driver, d.cfg.ModulesAlias); err != nil {
+			return nil, err
+		}
 		for i := range out {
 			out[i] = cfg.Driver
 		}

@@ -167,3 +167,43 @@ func TestPrepareAutoUniformCheckpointIsOld(t *testing.T) {
 	}
 	n.mustUnprepare(ctx, t, claimRef(claim))
 }
+
+// TestPrepareRefusesHostDriver: a DeviceClass that names a host driver,
+// even one modules.alias lists, or pci-stub, fails the prepare before the
+// checkpoint or sysfs change; a variant named explicitly is bound.
+func TestPrepareRefusesHostDriver(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	withVariants(t, n)
+	n.start(ctx, t)
+	before := n.state(t)
+	for _, drv := range []string{"nvidia", "snd_hda_intel", "pci-stub"} {
+		claim := n.createClaim(ctx, t, "host-"+strings.ReplaceAll(drv, "_", "-"), []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")},
+			opaque(resourceapi.AllocationConfigSourceClass, vfioConfig(`"driver": "`+drv+`"`)))
+		writes := len(n.kernel.Writes())
+		r := n.prepare(ctx, t, claim)
+		for _, want := range []string{"pci-0000-01-00-0", `driver "` + drv + `"`, "not a VFIO driver", n.cfg.ModulesAlias} {
+			if !strings.Contains(r.Error, want) {
+				t.Errorf("driver %s: prepare error %q does not mention %q", drv, r.Error, want)
+			}
+		}
+		if w := n.writesSince(writes); len(w) > 0 {
+			t.Errorf("driver %s: refused prepare wrote %v", drv, w)
+		}
+		if e := n.checkpoint(t).Claims[string(claim.UID)]; e != nil {
+			t.Errorf("driver %s: refused prepare left a checkpoint entry %+v", drv, e)
+		}
+	}
+	if diff := cmp.Diff(before, n.state(t)); diff != "" {
+		t.Errorf("refused prepares changed the node (-before +now):\n%s", diff)
+	}
+
+	claim := n.createClaim(ctx, t, "variant", []resourceapi.DeviceRequestAllocationResult{result("vf", "0000:81:00.2")},
+		opaque(resourceapi.AllocationConfigSourceClass, vfioConfig(`"driver": "mlx5_vfio_pci"`)))
+	n.mustPrepare(ctx, t, claim)
+	if got := n.driverOf(t, "0000:81:00.2"); got != "mlx5_vfio_pci" {
+		t.Errorf("VF is on %q, want mlx5_vfio_pci", got)
+	}
+	n.mustUnprepare(ctx, t, claimRef(claim))
+}
