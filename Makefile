@@ -15,7 +15,7 @@ IMAGE_TAR ?= $(BIN)/vfio-dra-driver-image.tar
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./cmd/...
 
 ## test: everything CI runs (unit tests with -race, fuzzing, lint, the real control plane, a real node, the real kernel).
 test: lint test-unit fuzz test-tools chart-check e2e e2e-node test-vm

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	metadatav1alpha1 "k8s.io/dynamic-resource-allocation/api/metadata/v1alpha1"
 	metadatav1beta1 "k8s.io/dynamic-resource-allocation/api/metadata/v1beta1"
@@ -75,8 +74,10 @@ type Driver struct {
 	scanMu sync.RWMutex
 
 	mu sync.Mutex
-	// published is what was last handed to the helper.
-	published *resourceslice.DriverResources
+	// published is what was last handed to the helper, as decisions and
+	// taints: the helper keeps the slices themselves, a second copy here
+	// would only cost memory.
+	published *publication
 	// scanned is the inventory of the last scan, for the health checks
 	// between scans.
 	scanned *inventory.Inventory
@@ -263,20 +264,17 @@ func (d *Driver) Resync(ctx context.Context) (bool, error) {
 	d.cfg.Metrics.SetFunctions(len(inv.Offered()), inv.NotOfferedByKind())
 	d.scanned = inv
 	defer d.report(v)
-	res := v.resources(d.cfg.DriverName, d.cfg.NodeName, false)
-	if resources.HasSharedCounters(res) {
+	if resources.NeedsCounters(v.inv) {
 		d.checkCounters(ctx, d.published == nil)
-		if d.countersDropped.Load() {
-			res = v.resources(d.cfg.DriverName, d.cfg.NodeName, true)
-		}
 	}
-	if d.published != nil && equality.Semantic.DeepEqual(*d.published, res) {
+	p := v.publication(d.cfg.DriverName, d.countersDropped.Load())
+	if p.equal(d.published) {
 		return false, nil
 	}
-	if err := d.helper.PublishResources(ctx, res); err != nil {
+	if err := d.helper.PublishResources(ctx, p.resources(d.cfg.NodeName)); err != nil {
 		return false, fmt.Errorf("publish ResourceSlices: %w", err)
 	}
-	d.published = &res
+	d.published = &p
 	logger.Info("Published devices", "offered", len(inv.Offered()), "functions", len(inv.Decisions), "withoutCounters", d.countersDropped.Load())
 	return true, nil
 }

@@ -2,11 +2,11 @@ package plugin
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
-	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
 	"k8s.io/klog/v2"
@@ -136,9 +136,17 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 	return v
 }
 
-// resources returns what to publish for the verdict; withoutCounters
+// publication is what a verdict publishes: the decisions on the functions
+// and the devices' taints. Resources are built from it alone, so two equal
+// publications publish the same slices.
+type publication struct {
+	inv    *inventory.Inventory
+	taints map[string][]resourceapi.DeviceTaint
+}
+
+// publication returns what to publish for the verdict; withoutCounters
 // leaves out the devices that need shared counters.
-func (v verdict) resources(driverName, nodeName string, withoutCounters bool) resourceslice.DriverResources {
+func (v verdict) publication(driverName string, withoutCounters bool) publication {
 	taints := map[string][]resourceapi.DeviceTaint{}
 	for name, st := range v.status {
 		if t := st.Taints(driverName); len(t) > 0 {
@@ -149,7 +157,20 @@ func (v verdict) resources(driverName, nodeName string, withoutCounters bool) re
 	if withoutCounters {
 		inv = resources.WithoutSharedGroups(inv)
 	}
-	return resources.BuildTainted(nodeName, inv, taints)
+	return publication{inv: inv, taints: taints}
+}
+
+// resources builds the slices of the publication.
+func (p publication) resources(nodeName string) resourceslice.DriverResources {
+	return resources.BuildTainted(nodeName, p.inv, p.taints)
+}
+
+// equal reports whether p publishes what o (nil: nothing yet) published,
+// without building either: an unchanged rescan costs no rebuild and no
+// deep comparison of the slices.
+func (p publication) equal(o *publication) bool {
+	return o != nil && inventory.EqualDecisions(p.inv.Decisions, o.inv.Decisions) &&
+		maps.EqualFunc(p.taints, o.taints, slices.Equal[[]resourceapi.DeviceTaint])
 }
 
 // report tells the kubelet the health of every published device.
@@ -207,7 +228,7 @@ func (d *Driver) CheckHealth(ctx context.Context) error {
 	}
 	v := d.judge(ctx, inv, cp, false)
 	d.scanMu.Unlock()
-	if published == nil || !equality.Semantic.DeepEqual(*published, v.resources(d.cfg.DriverName, d.cfg.NodeName, d.countersDropped.Load())) {
+	if !v.publication(d.cfg.DriverName, d.countersDropped.Load()).equal(published) {
 		_, err := d.Resync(ctx)
 		return err
 	}

@@ -61,7 +61,7 @@ type benchNode struct {
 	dra    drapb.DRAPluginClient
 }
 
-func newBenchNode(b *testing.B, layout func(root string) (*pcitest.Tree, error), unbind, probe time.Duration) *benchNode {
+func newBenchNode(b *testing.B, layout func(root string) (*pcitest.Tree, error), unbind, probe time.Duration, opts ...func(*plugin.Config)) *benchNode {
 	b.Helper()
 	dir, err := filepath.EvalSymlinks(b.TempDir())
 	if err != nil {
@@ -100,6 +100,9 @@ func newBenchNode(b *testing.B, layout func(root string) (*pcitest.Tree, error),
 		SysfsRoot: tree.Root, DevRoot: filepath.Join(dir, "dev"), HostDevRoot: filepath.Join(dir, "dev"),
 		CDIRoot: filepath.Join(dir, "cdi"), PluginDataDir: filepath.Join(dir, "plugin"), RegistrarDir: dir,
 		ProcRoot: proc, RescanInterval: time.Hour, SysfsWriter: bn.kernel, BindTimeout: 10 * time.Second,
+	}
+	for _, o := range opts {
+		o(&bn.cfg)
 	}
 	ctx := klog.NewContext(b.Context(), klog.Background().V(1))
 	d, err := plugin.Start(ctx, bn.cfg)

@@ -42,6 +42,21 @@ func WithoutSharedGroups(inv *inventory.Inventory) *inventory.Inventory {
 	return out
 }
 
+// NeedsCounters reports whether Build publishes shared counters for inv:
+// whether an IOMMU group has two or more offered devices.
+func NeedsCounters(inv *inventory.Inventory) bool {
+	perGroup := map[int]int{}
+	for _, d := range inv.Decisions {
+		if !d.Offered {
+			continue
+		}
+		if perGroup[*d.Device.IOMMUGroup]++; perGroup[*d.Device.IOMMUGroup] > 1 {
+			return true
+		}
+	}
+	return false
+}
+
 // HasSharedCounters reports whether res publishes any shared counter.
 func HasSharedCounters(res resourceslice.DriverResources) bool {
 	for _, p := range res.Pools {
