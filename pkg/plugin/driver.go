@@ -170,6 +170,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		d.Stop()
 		return nil, err
 	}
+	d.watchSlices(d.backgroundCtx)
 	cfg.Metrics.SetPreparedClaimsSource(d.preparedClaims)
 	cfg.Metrics.SetHealthSource(d.deviceHealth)
 	cfg.Metrics.SetReady(true)

@@ -227,6 +227,48 @@ func TestResyncPublishesOnlyChanges(t *testing.T) {
 	}
 }
 
+// TestDeletedSlicesComeBack: a starting kubelet deletes its node's slices
+// (no plugin has registered with it yet), often after this plugin has
+// registered again. The plugin publishes them again within a few seconds,
+// not after the ResourceSlice controller's 30 s sync delay (which
+// publishedSlices' 10 s wait would not reach).
+func TestDeletedSlicesComeBack(t *testing.T) {
+	_, ctx := ktesting.NewTestContext(t)
+	e := newEnv(t)
+	d, err := plugin.Start(ctx, e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Stop()
+	fs, err := pci.NewFS(e.tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv, err := inventory.Scan(fs, nil, nil, hostview.New(e.tree.Root, e.cfg.ProcRoot).Read(hostview.Own{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := inspect.SliceList(e.cfg.DriverName, nodeName, inv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	published := e.publishedSlices(ctx, t, func(s []resourceapi.ResourceSlice) bool { return len(s) == len(list.Items) })
+	for round := range 2 {
+		for _, s := range published {
+			if err := e.client.ResourceV1().ResourceSlices().Delete(ctx, s.Name, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		again := e.publishedSlices(ctx, t, func(s []resourceapi.ResourceSlice) bool { return len(s) == len(published) })
+		for i := range published {
+			if diff := cmp.Diff(published[i].Spec.Devices, again[i].Spec.Devices); diff != "" {
+				t.Errorf("round %d: slice %d: devices before (-) and after (+) the deletion differ:\n%s", round, i, diff)
+			}
+		}
+		published = again
+	}
+}
+
 func TestRunStopsOnFatalError(t *testing.T) {
 	_, ctx := ktesting.NewTestContext(t)
 	e := newEnv(t)

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"k8s.io/dynamic-resource-allocation/api/metadata"
 	"k8s.io/utils/ptr"
 
+	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview/hostviewtest"
 	"github.com/vfio-dra/vfio-dra-driver/test/e2e/framework"
 )
 
@@ -525,13 +527,15 @@ func checkStillRunning(ctx context.Context, t *testing.T, cp *framework.ControlP
 	}
 }
 
-// TestRealNodeRestarts restarts the kubelet and then the plugin (SIGTERM,
-// as on a DaemonSet update) while a pod with a prepared claim runs:
-// neither changes the functions' drivers or the CDI specs, the plugin's
-// restart does not touch the slices, the pod's container keeps running, the
-// kubelet connects to the new plugin, and deleting the pod afterwards
-// unprepares the claim. A starting kubelet deletes its node's slices (no
-// driver has registered yet); the plugin publishes the same devices again.
+// TestRealNodeRestarts restarts the kubelet and the plugin (SIGTERM, as
+// on a DaemonSet update) while a pod with a prepared claim runs, in both
+// orders, the second time with the kubelet restarted about a second after
+// the plugin: no restart changes the functions' drivers or the CDI specs,
+// the plugin's restart does not touch the slices, the pod's container keeps
+// running, the kubelet connects to the new plugin, and deleting the pod
+// afterwards unprepares the claim. A starting kubelet deletes its node's
+// slices (no driver has registered with it yet); the plugin sees that and
+// publishes the same devices again at once.
 func TestRealNodeRestarts(t *testing.T) {
 	ctx := t.Context()
 	cp, node := startRealNode(t, "node-1", framework.RealNodeOptions{})
@@ -551,57 +555,112 @@ func TestRealNodeRestarts(t *testing.T) {
 	}
 	wantDevices := deviceNames(published)
 
-	node.StopKubelet()
-	if err := node.StartKubelet(ctx); err != nil {
-		t.Fatal(err)
+	restartKubelet := func(what string) {
+		t.Helper()
+		old, err := framework.ListNodeSlices(ctx, cp.Client, node.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		connections, err := node.PluginConnections()
+		if err != nil {
+			t.Fatal(err)
+		}
+		node.StopKubelet()
+		start := time.Now()
+		if err := node.StartKubelet(ctx); err != nil {
+			t.Fatal(err)
+		}
+		// The new kubelet finds the plugin's socket and connects again.
+		if err := framework.Poll(ctx, publishTimeout, "kubelet connects to the plugin again", func(context.Context) (bool, string, error) {
+			n, err := node.PluginConnections()
+			return n > connections, fmt.Sprintf("%d connections in the kubelets' logs, %d before", n, connections), err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		items := waitForSlicesReplaced(ctx, t, cp, node, old)
+		t.Logf("%s: the plugin's slices are back %v after the kubelet's start", what, time.Since(start).Round(time.Millisecond))
+		if got := deviceNames(items); got != wantDevices {
+			t.Errorf("%s: the plugin publishes %s, want %s", what, got, wantDevices)
+		}
+		// The new kubelet's first syncs of the pod are done within its
+		// sync period; the container must survive them.
+		if err := node.WaitForKubeletSync(ctx, pod, podStartTimeout); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * time.Second)
+		if got := nodeSnapshotWithoutSlices(t, node); got != wantNoSlices {
+			t.Errorf("%s: the node changed:\nbefore:\n%s\nafter:\n%s", what, wantNoSlices, got)
+		}
+		checkStillRunning(ctx, t, cp, pod, what)
 	}
-	// The new kubelet finds the plugin's socket and connects again.
-	if err := framework.Poll(ctx, publishTimeout, "kubelet connects to the plugin again", func(context.Context) (bool, string, error) {
-		n, err := node.PluginConnections()
-		return n >= 2, fmt.Sprintf("%d connections in the kubelets' logs", n), err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if got := nodeSnapshotWithoutSlices(t, node); got != wantNoSlices {
-		t.Errorf("after the kubelet's restart the node changed:\nbefore:\n%s\nafter:\n%s", wantNoSlices, got)
-	}
-	checkStillRunning(ctx, t, cp, pod, "after the kubelet's restart")
-	// The plugin's ResourceSlice controller recreates deleted slices after
-	// its 30 s mutation-cache delay.
-	items, err := framework.WaitForPool(ctx, cp.Client, node.Name, 2*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := deviceNames(items); got != wantDevices {
-		t.Errorf("after the kubelet's restart the plugin publishes %s, want %s", got, wantDevices)
+	restartPlugin := func(what string) {
+		t.Helper()
+		want := nodeSnapshot(ctx, t, cp, node)
+		if err := node.StopPlugin(); err != nil {
+			t.Errorf("%s: plugin exit after SIGTERM: %v", what, err)
+		}
+		if err := node.StartPlugin(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := nodeSnapshot(ctx, t, cp, node); got != want {
+			t.Errorf("%s: the node changed:\nbefore:\n%s\nafter:\n%s", what, want, got)
+		}
+		checkStillRunning(ctx, t, cp, pod, what)
 	}
 
-	want := nodeSnapshot(ctx, t, cp, node)
-	if err := node.StopPlugin(); err != nil {
-		t.Errorf("plugin exit after SIGTERM: %v", err)
-	}
-	if err := node.StartPlugin(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if got := nodeSnapshot(ctx, t, cp, node); got != want {
-		t.Errorf("after the plugin's restart the node changed:\nbefore:\n%s\nafter:\n%s", want, got)
-	}
-	checkStillRunning(ctx, t, cp, pod, "after the plugin's restart")
+	restartKubelet("after the kubelet's restart")
+	restartPlugin("after the plugin's restart")
+	restartPlugin("after the plugin's second restart")
+	time.Sleep(time.Second)
+	restartKubelet("after the kubelet's restart a second after the plugin's")
 
 	deletePod(ctx, t, cp, pod)
 	waitForDrivers(ctx, t, node, before)
 	checkNoSpec(t, node.Node, string(claim.UID))
 }
 
-// TestRealNodeBusyFunction: the host keeps using the SmartNIC, so its
-// driver will not let it go (the kernel emulator fails every unbind with
-// EBUSY). A pod that was allocated the NIC does not start: the kubelet
-// reports the plugin's error, which names the device and the cause (the
-// function stays on nfp when it is unbound), in an event of the pod, and
-// nothing on the node changes.
+// waitForSlicesReplaced waits until none of old is left and the node's
+// pool is complete again, and returns its slices.
+func waitForSlicesReplaced(ctx context.Context, t *testing.T, cp *framework.ControlPlane, node *framework.RealNode, old []resourceapi.ResourceSlice) []resourceapi.ResourceSlice {
+	t.Helper()
+	gone := map[string]bool{}
+	for _, s := range old {
+		gone[string(s.UID)] = true
+	}
+	var items []resourceapi.ResourceSlice
+	err := framework.Poll(ctx, 2*time.Minute, "the node's slices deleted by the kubelet and published again", func(ctx context.Context) (bool, string, error) {
+		var err error
+		items, err = framework.ListNodeSlices(ctx, cp.Client, node.Name)
+		if err != nil {
+			return false, "", err
+		}
+		for _, s := range items {
+			if gone[string(s.UID)] {
+				return false, "slice " + s.Name + " is still the one from before the restart", nil
+			}
+		}
+		if len(items) == 0 || int64(len(items)) != items[0].Spec.Pool.ResourceSliceCount {
+			return false, fmt.Sprintf("%d slices", len(items)), nil
+		}
+		return true, "", nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return items
+}
+
+// TestRealNodeBusyFunction: the SmartNIC was free when the scheduler
+// allocated it, and the host started using it before the kubelet prepared
+// the claim (an interface on it now carries a route of the host; the
+// kubelet is stopped meanwhile so that the window is certain). The plugin
+// reads the host view again before it writes anything and refuses the
+// claim at once: the kubelet reports the plugin's error, which names the
+// device and the holder (the route and the interface), in an event of the
+// pod; the pod stays Pending, and nothing on the node changes.
 func TestRealNodeBusyFunction(t *testing.T) {
 	ctx := t.Context()
-	cp, node := startRealNode(t, "node-1", framework.RealNodeOptions{Node: framework.NodeOptions{EmulatorArgs: []string{"--busy=" + nicAddr}}})
+	cp, node := startRealNode(t, "node-1", framework.RealNodeOptions{})
 	ns, err := framework.CreateNamespace(ctx, cp.Client, "host-use")
 	if err != nil {
 		t.Fatal(err)
@@ -610,11 +669,42 @@ func TestRealNodeBusyFunction(t *testing.T) {
 	createTemplate(ctx, t, cp, ns, "nic", "nic", class, vendorDevice("19ee", "4000"))
 	before := nodeSnapshotWithoutSlices(t, node)
 
+	node.StopKubelet()
 	pod := withTemplateClaim(newWorkloadPod(ns, "dpdk"), "nic", "nic")
 	if _, err := cp.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	err = framework.Poll(ctx, schedulingTimeout, "pod "+pod.Name+" scheduled with its claim allocated", func(ctx context.Context) (bool, string, error) {
+		p, err := cp.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, "", err
+		}
+		if p.Spec.NodeName == "" || len(p.Status.ResourceClaimStatuses) == 0 || p.Status.ResourceClaimStatuses[0].ResourceClaimName == nil {
+			return false, describePodScheduling(p), nil
+		}
+		claim, err := cp.Client.ResourceV1().ResourceClaims(ns).Get(ctx, *p.Status.ResourceClaimStatuses[0].ResourceClaimName, metav1.GetOptions{})
+		if err != nil {
+			return false, "", err
+		}
+		return claim.Status.Allocation != nil, "claim " + claim.Name + " not allocated", nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const iface, route = "enp130s0np0", "192.168.82.0/24"
+	if err := node.Host.AddInterface(hostviewtest.Interface{Name: iface, Function: nicAddr}); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Host.AddRoute(iface, netip.MustParsePrefix(route), netip.Addr{}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := node.StartKubelet(ctx); err != nil {
+		t.Fatal(err)
+	}
+
 	device := mustParseAddress(t, nicAddr).DeviceName()
+	cause := fmt.Sprintf("in use: route %s (%s)", route, iface)
 	var message string
 	err = framework.Poll(ctx, podStartTimeout, "an event of pod "+pod.Name+" that names the device and the cause", func(ctx context.Context) (bool, string, error) {
 		events, err := cp.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod.Name})
@@ -623,7 +713,7 @@ func TestRealNodeBusyFunction(t *testing.T) {
 		}
 		var seen []string
 		for _, e := range events.Items {
-			if e.Type == v1.EventTypeWarning && strings.Contains(e.Message, device) && strings.Contains(e.Message, "unbind: driver is nfp") {
+			if e.Type == v1.EventTypeWarning && strings.Contains(e.Message, device) && strings.Contains(e.Message, cause) {
 				message = e.Reason + ": " + e.Message
 				return true, "", nil
 			}
@@ -634,7 +724,7 @@ func TestRealNodeBusyFunction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("event: %s", message)
+	t.Logf("event %v after the kubelet's start: %s", time.Since(start).Round(time.Millisecond), message)
 	p, err := cp.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -645,6 +735,16 @@ func TestRealNodeBusyFunction(t *testing.T) {
 	if got := nodeSnapshotWithoutSlices(t, node); got != before {
 		t.Errorf("the refused claim changed the node:\nbefore:\n%s\nafter:\n%s", before, got)
 	}
+}
+
+// describePodScheduling says why a pod is not bound yet.
+func describePodScheduling(p *v1.Pod) string {
+	for _, c := range p.Status.Conditions {
+		if c.Type == v1.PodScheduled {
+			return fmt.Sprintf("PodScheduled=%s %s %s", c.Status, c.Reason, c.Message)
+		}
+	}
+	return "not scheduled yet"
 }
 
 // deviceNames lists the devices of slices, sorted.

@@ -77,6 +77,9 @@ type Node struct {
 	SysfsRoot, DevRoot, ProcRoot, CDIRoot, PluginDataDir, RegistrarDir string
 	// BootID is what the plugin reads from ProcRoot.
 	BootID string
+	// Host is what the host uses, as the plugin's host view reads it
+	// below SysfsRoot and ProcRoot; a test may add to it.
+	Host *hostviewtest.Host
 
 	Emulator, Plugin *Process
 	// DRA is connected to the running plugin's DRA service; StartPlugin
@@ -152,7 +155,7 @@ func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, sta
 	}
 	// What the host uses: root on the chipset's SATA disk, the default
 	// route on the SR-IOV PF; nothing the server offers.
-	if _, err := hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
+	if n.Host, err = hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
 		return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
 	}
 	// The plugin's ResourceSlices are owned by the Node; it must exist first.
@@ -266,6 +269,15 @@ func (n *Node) StartPlugin(ctx context.Context) error {
 			}
 			if count <= registered {
 				return fmt.Errorf("the kubelet has not connected to plugin %s yet", name)
+			}
+			// The kubelet connects as soon as the registration socket
+			// listens, before the plugin has published.
+			data, err := os.ReadFile(p.LogPath)
+			if err != nil {
+				return err
+			}
+			if !bytes.Contains(data, []byte(`"Kubelet plugin started"`)) {
+				return fmt.Errorf("plugin %s has not finished starting", name)
 			}
 			return nil
 		})

@@ -575,6 +575,20 @@ func (n *RealNode) StopKubelet() {
 	n.Kubelet.Stop()
 }
 
+// WaitForKubeletSync waits until the running kubelet (this start of it)
+// has received pod from the API server, which starts its first sync of the
+// pod.
+func (n *RealNode) WaitForKubeletSync(ctx context.Context, pod *v1.Pod, timeout time.Duration) error {
+	line := fmt.Sprintf(`"SyncLoop ADD" source="api" pods=["%s/%s"]`, pod.Namespace, pod.Name)
+	return Poll(ctx, timeout, "kubelet "+n.Kubelet.Name+" syncs pod "+pod.Namespace+"/"+pod.Name, func(context.Context) (bool, string, error) {
+		data, err := os.ReadFile(n.Kubelet.LogPath)
+		if err != nil {
+			return false, "", err
+		}
+		return bytes.Contains(data, []byte(line)), "no " + line + " in its log", nil
+	})
+}
+
 // PluginConnections counts the kubelet's log lines (all starts) that report
 // a new connection to the driver's plugin.
 func (n *RealNode) PluginConnections() (int, error) {
