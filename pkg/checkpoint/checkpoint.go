@@ -13,6 +13,13 @@
 // The checksum covers the bytes of "data" as they appear in the file, not a
 // re-encoding of Go values, so adding a field later never invalidates files
 // that were written before.
+//
+// The file holds only fields that every v1 reader knows, since readers
+// reject unknown fields: a plugin rolled back to an older version must
+// still read it. Fields added later are kept in a second file beside it
+// with the same envelope (kind CheckpointExtras, see ExtrasPath), which
+// older versions do not read and which is written before the checkpoint
+// file, so that a crash between the two loses nothing.
 package checkpoint
 
 import (
@@ -67,6 +74,7 @@ type Claim struct {
 	CDISpec string `json:"cdiSpec,omitempty"`
 	// LastError is why the last attempt to give the claim's groups back
 	// failed; the entry stays, and keeps its groups, until one succeeds.
+	// Stored in the extras file (see ExtrasKind).
 	LastError string `json:"lastError,omitempty"`
 }
 
@@ -81,6 +89,7 @@ type Device struct {
 	// Attributes are the device's published attributes at prepare time,
 	// handed to the container as KEP-5304 metadata. A restarted plugin
 	// returns the same metadata even if a rescan would now differ.
+	// Stored in the extras file (see ExtrasKind).
 	Attributes map[resourceapi.QualifiedName]resourceapi.DeviceAttribute `json:"attributes,omitempty"`
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -13,20 +14,27 @@ import (
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
 )
 
-// roundTrip checks that a decoded checkpoint is valid and encodes to a file
-// that decodes to the same checkpoint.
+// roundTrip checks that a decoded checkpoint is valid, and that a Store
+// writes it to files (the checkpoint and its extras) that read back as the
+// same checkpoint.
 func roundTrip(t *testing.T, cp *checkpoint.Checkpoint) {
 	t.Helper()
 	if err := cp.Validate(); err != nil {
 		t.Fatalf("decoded checkpoint is invalid: %v", err)
 	}
-	out, err := checkpoint.Encode(cp)
-	if err != nil {
+	if _, err := checkpoint.Encode(cp); err != nil {
 		t.Fatalf("decoded checkpoint does not encode: %v", err)
 	}
-	again, err := checkpoint.Decode(out)
+	s := checkpoint.NewStore(filepath.Join(t.TempDir(), "checkpoint.json"))
+	if err := s.Update(func(c *checkpoint.Checkpoint) error {
+		*c = *cp
+		return nil
+	}); err != nil {
+		t.Fatalf("decoded checkpoint cannot be written: %v", err)
+	}
+	again, err := s.Get()
 	if err != nil {
-		t.Fatalf("encoded checkpoint does not decode: %v\n%s", err, out)
+		t.Fatalf("written checkpoint cannot be read: %v", err)
 	}
 	// An empty list and no list mean the same, and the encoding leaves
 	// empty lists out.

@@ -29,14 +29,15 @@ const bootIDFile = "sys/kernel/random/boot_id"
 // Store keeps one checkpoint file. All mutations go through Update, which
 // serializes them with a mutex; use one Store per file in a process.
 type Store struct {
-	path string
-	mu   sync.Mutex
+	path, extras string
+	mu           sync.Mutex
 }
 
-// NewStore returns a Store for the checkpoint file at path. Nothing is read or
-// created until Get or Update is called.
+// NewStore returns a Store for the checkpoint file at path and its extras
+// file (ExtrasPath). Nothing is read or created until Get or Update is
+// called.
 func NewStore(path string) *Store {
-	return &Store{path: path}
+	return &Store{path: path, extras: ExtrasPath(path)}
 }
 
 // Path returns the checkpoint file the Store reads and writes.
@@ -49,7 +50,8 @@ func (s *Store) Path() string { return s.path }
 // Get does not wait for a running Update: files are replaced by rename, so it
 // sees either the old or the new content. Each call returns a fresh value.
 func (s *Store) Get() (*Checkpoint, error) {
-	return s.read()
+	cp, _, err := s.read()
+	return cp, err
 }
 
 // Update reads the checkpoint, calls mutate on it, and if mutate returns nil
@@ -61,10 +63,14 @@ func (s *Store) Update(mutate func(*Checkpoint) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 
-	cp, err := s.read()
+	cp, oldExtras, err := s.read()
 	if err != nil {
 		return err
 	}
+	// A claim that mutate removes keeps its extras until the next Update:
+	// a crash between the two writes below leaves the old checkpoint
+	// file, which still lists it.
+	kept := extrasOf(cp)
 	if err := mutate(cp); err != nil {
 		return err
 	}
@@ -72,25 +78,57 @@ func (s *Store) Update(mutate func(*Checkpoint) error) error {
 	if err != nil {
 		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
 	}
+	newExtras, err := encodeExtras(cp, kept)
+	if err != nil {
+		return fmt.Errorf("write checkpoint %s: %w", s.extras, err)
+	}
+	// The extras first: a claim is in the checkpoint file only once its
+	// extras are written (Get reads in the other order).
+	if newExtras != nil && !bytes.Equal(newExtras, oldExtras) {
+		if err := writeFileAtomic(s.extras, newExtras); err != nil {
+			return fmt.Errorf("write checkpoint %s: %w", s.extras, err)
+		}
+	}
 	if err := writeFileAtomic(s.path, data); err != nil {
 		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
+	}
+	if newExtras == nil && oldExtras != nil {
+		if err := os.Remove(s.extras); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove checkpoint %s: %w", s.extras, err)
+		}
 	}
 	return nil
 }
 
-func (s *Store) read() (*Checkpoint, error) {
+// read returns the checkpoint with its extras and the extras file as read
+// (nil when there is none).
+func (s *Store) read() (*Checkpoint, []byte, error) {
 	data, err := os.ReadFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return New(), nil
+		return New(), nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read checkpoint: %w", err)
+		return nil, nil, fmt.Errorf("read checkpoint: %w", err)
 	}
 	cp, err := Decode(data)
 	if err != nil {
-		return nil, fmt.Errorf("read checkpoint %s: %w", s.path, err)
+		return nil, nil, fmt.Errorf("read checkpoint %s: %w", s.path, err)
 	}
-	return cp, nil
+	// After the checkpoint file: Update writes the extras first, so every
+	// claim just read has its extras in what is read now.
+	ext, err := os.ReadFile(s.extras)
+	if errors.Is(err, fs.ErrNotExist) {
+		return cp, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("read checkpoint: %w", err)
+	}
+	e, err := decodeExtras(ext)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read checkpoint %s: %w", s.extras, err)
+	}
+	e.apply(cp)
+	return cp, ext, nil
 }
 
 // envelope is the on-disk form. Data holds the exact bytes the checksum
@@ -102,10 +140,12 @@ type envelope struct {
 	Data       json.RawMessage `json:"data"`
 }
 
-// Encode returns the file content for cp: an indented envelope whose checksum
-// is the SHA-256 of the data bytes exactly as they appear in the result. A nil
-// Claims map is written as no claims. Content that Validate rejects is not
-// encoded.
+// Encode returns the checkpoint file content for cp: an indented envelope
+// whose checksum is the SHA-256 of the data bytes exactly as they appear in
+// the result. The fields that go to the extras file (Claim.LastError,
+// Device.Attributes) are left out, so that every v1 reader accepts it. A
+// nil Claims map is written as no claims. Content that Validate rejects is
+// not encoded.
 func Encode(cp *Checkpoint) ([]byte, error) {
 	if cp == nil {
 		return nil, errors.New("nil checkpoint")
@@ -113,7 +153,7 @@ func Encode(cp *Checkpoint) ([]byte, error) {
 	if err := cp.Validate(); err != nil {
 		return nil, err
 	}
-	data, err := json.MarshalIndent(cp, "  ", "  ")
+	data, err := json.MarshalIndent(withoutExtras(cp), "  ", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("encode checkpoint: %w", err)
 	}
@@ -128,7 +168,8 @@ func Encode(cp *Checkpoint) ([]byte, error) {
 // Decode parses file content written by Encode. It checks, in this order, the
 // apiVersion and kind (ErrUnsupportedVersion), then the envelope, the checksum
 // over the raw data bytes and the data itself (ErrCorrupt); unknown fields
-// anywhere are an error.
+// anywhere are an error. LastError and Attributes are read when there
+// (versions before the extras file wrote them here).
 func Decode(content []byte) (*Checkpoint, error) {
 	// Read the type first, leniently, so that a file from another version is
 	// reported as such rather than as a field this version does not know.
@@ -194,9 +235,14 @@ func checksum(data []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// WriteFileAtomic replaces path with data as the checkpoint is written, for
+// the driver's other state files.
+func WriteFileAtomic(path string, data []byte) error { return writeFileAtomic(path, data) }
+
 // writeFileAtomic replaces path with data so that a crash leaves either the
 // old or the new content: temp file in the same directory, fsync, rename,
-// fsync of the directory. The temp file is removed on failure.
+// fsync of the directory. The temp file is removed on failure. The file
+// gets mode 0600, its directory (if created) 0700.
 func writeFileAtomic(path string, data []byte) (err error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {

@@ -475,7 +475,7 @@ func assertNoTempFiles(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	for _, e := range entries {
-		if e.Name() != "checkpoint.json" {
+		if e.Name() != "checkpoint.json" && e.Name() != "checkpoint.extras.json" {
 			t.Errorf("unexpected file %s left in %s", e.Name(), dir)
 		}
 	}

@@ -143,6 +143,11 @@ type Options struct {
 	AERHold time.Duration
 	// Now is the clock; nil selects time.Now.
 	Now func() time.Time
+	// StateFile, when set, keeps the fatal AER counts across restarts
+	// (written atomically, mode 0600, when they change): a count that grew
+	// while the plugin was down is then a fault, one already counted is
+	// not.
+	StateFile string
 }
 
 // DefaultAERHold keeps a function that reported a fatal PCIe error
@@ -155,9 +160,10 @@ const DefaultAERHold = 10 * time.Minute
 // when the plugin started is history, not news) and the verdicts of the
 // checks that touch the device.
 type Checker struct {
-	fs   *pci.FS
-	hold time.Duration
-	now  func() time.Time
+	fs        *pci.FS
+	hold      time.Duration
+	now       func() time.Time
+	stateFile string
 
 	mu sync.Mutex
 	// aer is the fatal AER count of each function as first seen, and when
@@ -166,6 +172,10 @@ type Checker struct {
 	// offBus and noReset are the verdicts of the last deep check.
 	offBus  map[pci.Address]bool
 	noReset map[pci.Address]bool
+	// loaded is set once the state file was read; saved is what was last
+	// written to it.
+	loaded bool
+	saved  map[string]stateFunction
 }
 
 type aerState struct {
@@ -176,7 +186,7 @@ type aerState struct {
 // NewChecker returns a Checker reading below fs.
 func NewChecker(fs *pci.FS, opts Options) *Checker {
 	c := &Checker{
-		fs: fs, hold: opts.AERHold, now: opts.Now,
+		fs: fs, hold: opts.AERHold, now: opts.Now, stateFile: opts.StateFile,
 		aer: map[pci.Address]*aerState{}, offBus: map[pci.Address]bool{}, noReset: map[pci.Address]bool{},
 	}
 	if c.hold <= 0 {
@@ -201,6 +211,12 @@ func (c *Checker) Check(fns []Function, deep bool) (map[pci.Address]Status, []er
 	defer c.mu.Unlock()
 	now := c.now()
 	var errs []error
+	if c.stateFile != "" && !c.loaded {
+		c.loaded = true
+		if err := c.loadState(); err != nil {
+			errs = append(errs, fmt.Errorf("%w; fatal AER counts are judged from now on", err))
+		}
+	}
 	resetsShown := false
 	if deep {
 		var err error
@@ -229,6 +245,11 @@ func (c *Checker) Check(fns []Function, deep bool) (map[pci.Address]Status, []er
 		if !seen[a] {
 			delete(c.offBus, a)
 			delete(c.noReset, a)
+		}
+	}
+	if c.stateFile != "" {
+		if err := c.saveState(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return out, errs

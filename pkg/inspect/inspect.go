@@ -14,6 +14,7 @@ import (
 	"text/tabwriter"
 
 	corev1 "k8s.io/api/core/v1"
+	resourceapi "k8s.io/api/resource/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/vfio-dra/vfio-dra-driver/api/v1alpha1"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/checkpoint"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/health"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/hostview"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/inventory"
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -104,14 +106,15 @@ func Run(out, errOut io.Writer, o Options) error {
 	for _, p := range inv.Problems {
 		fmt.Fprintf(errOut, "warning: skipped: %v\n", p)
 	}
+	taints := healthTaints(errOut, fs, o.DriverName, inv, cp)
 	if o.Output == FormatTable {
-		if err := printTable(out, inv); err != nil {
+		if err := printTable(out, inv, taints); err != nil {
 			return err
 		}
 		return printClaims(out, cp)
 	}
 	warnHeld(errOut, cp)
-	list, err := SliceList(o.DriverName, o.NodeName, inv)
+	list, err := SliceListTainted(o.DriverName, o.NodeName, inv, taints)
 	if err != nil {
 		return err
 	}
@@ -132,8 +135,13 @@ func Run(out, errOut io.Writer, o Options) error {
 
 // SliceList wraps the ResourceSlices the plugin would publish in a v1 List.
 func SliceList(driverName, nodeName string, inv *inventory.Inventory) (*corev1.List, error) {
+	return SliceListTainted(driverName, nodeName, inv, nil)
+}
+
+// SliceListTainted is SliceList with device taints, keyed by device name.
+func SliceListTainted(driverName, nodeName string, inv *inventory.Inventory, taints map[string][]resourceapi.DeviceTaint) (*corev1.List, error) {
 	list := &corev1.List{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "List"}}
-	for _, s := range resources.Slices(driverName, nodeName, resources.Build(nodeName, inv)) {
+	for _, s := range resources.Slices(driverName, nodeName, resources.BuildTainted(nodeName, inv, taints)) {
 		raw, err := json.Marshal(s)
 		if err != nil {
 			return nil, fmt.Errorf("encode ResourceSlice %s: %w", s.GenerateName, err)
@@ -143,7 +151,35 @@ func SliceList(driverName, nodeName string, inv *inventory.Inventory) (*corev1.L
 	return list, nil
 }
 
-func printTable(out io.Writer, inv *inventory.Inventory) error {
+// healthTaints judges, as the plugin does at a rescan, the offered
+// functions and those of the checkpoint's prepared claims, and returns the
+// taints the plugin would publish. A fatal AER count that grew is not
+// seen: that needs two looks.
+func healthTaints(errOut io.Writer, fs *pci.FS, driverName string, inv *inventory.Inventory, cp *checkpoint.Checkpoint) map[string][]resourceapi.DeviceTaint {
+	targets := health.TargetsOf(inv.Decisions, cp)
+	results, errs := health.NewChecker(fs, health.Options{}).Check(targets.Functions, true)
+	for _, err := range errs {
+		fmt.Fprintf(errOut, "warning: %v\n", err)
+	}
+	out := map[string][]resourceapi.DeviceTaint{}
+	for name, st := range targets.ByDevice(results) {
+		if t := st.Taints(driverName); len(t) > 0 {
+			out[name] = t
+		}
+	}
+	return out
+}
+
+// taintString is a taint as kubectl prints one: key=value:Effect.
+func taintString(t resourceapi.DeviceTaint) string {
+	s := t.Key
+	if t.Value != "" {
+		s += "=" + t.Value
+	}
+	return s + ":" + string(t.Effect)
+}
+
+func printTable(out io.Writer, inv *inventory.Inventory, taints map[string][]resourceapi.DeviceTaint) error {
 	w := tabwriter.NewWriter(out, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(w, "PCI ADDRESS\tVENDOR:DEVICE\tCLASS\tIOMMU GROUP\tDRIVER\tNUMA\tDEVICE\tDECISION")
 	for _, d := range inv.Decisions {
@@ -163,6 +199,13 @@ func printTable(out io.Writer, inv *inventory.Inventory) error {
 		name, decision := "-", "not offered: "+d.Reason
 		if d.Offered {
 			name, decision = p.Address.DeviceName(), "offered"
+			var ts []string
+			for _, t := range taints[name] {
+				ts = append(ts, taintString(t))
+			}
+			if len(ts) > 0 {
+				decision += ", tainted " + strings.Join(ts, ", ")
+			}
 		}
 		for _, n := range d.Notes {
 			decision += " (note: " + n + ")"

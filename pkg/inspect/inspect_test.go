@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
 	resourceapi "k8s.io/api/resource/v1"
 	"sigs.k8s.io/yaml"
@@ -364,5 +365,95 @@ func TestHostViewUnavailable(t *testing.T) {
 	}
 	if !strings.Contains(out, "0000:82:00.0") || !strings.Contains(out, "host view unavailable") {
 		t.Errorf("the SmartNIC's decision does not name the host view:\n%s", out)
+	}
+}
+
+// TestHealthTaints: the table and the slices show the taints the plugin
+// publishes: a function that fell off the bus, one without a reset method,
+// and a prepared claim's function that another driver took (from the
+// checkpoint).
+func TestHealthTaints(t *testing.T) {
+	root := server(t)
+	tree := pcitest.Open(root)
+	// Every function but the FPGA can be reset.
+	for _, a := range []string{"0000:01:00.0", "0000:01:00.1", "0000:02:01.0", "0000:02:02.0", "0000:03:00.0", "0000:03:00.1", "0000:81:00.2", "0000:81:00.3", "0000:82:00.0", "0000:83:00.0"} {
+		if err := tree.WriteDeviceFile(a, "reset_method", "flr\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tree.WriteDeviceFile("0000:82:00.0", "config", strings.Repeat("\xff", 256)); err != nil {
+		t.Fatal(err)
+	}
+	// A claim bound the GPU's group to vfio-pci; the audio function is
+	// back on its host driver behind the plugin's back.
+	if err := tree.Unbind("0000:01:00.0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.Bind("0000:01:00.0", "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	cpFile := filepath.Join(t.TempDir(), "checkpoint.json")
+	if err := checkpoint.NewStore(cpFile).Update(func(cp *checkpoint.Checkpoint) error {
+		cp.Claims["uid-1"] = &checkpoint.Claim{Namespace: "ns", Name: "gpu", State: checkpoint.PrepareCompleted,
+			Devices: []checkpoint.Device{{Requests: []string{"gpu"}, Pool: "n", Device: "pci-0000-01-00-0", PCIAddress: "0000:01:00.0", IOMMUGroup: 2}},
+			Groups: []checkpoint.Group{{Number: 2, Target: "vfio-pci", Restore: true, Members: []checkpoint.Member{
+				{Address: "0000:01:00.0", Driver: "nvidia"}, {Address: "0000:01:00.1", Driver: "snd_hda_intel"}}}}}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	o := inspect.Options{SysfsRoot: root, NodeName: "n", DriverName: "vfio.dra.dev", CheckpointFile: cpFile, Output: inspect.FormatTable}
+	out, _, err := run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for addr, want := range map[string]string{
+		"0000:82:00.0": "offered, tainted vfio.dra.dev/unhealthy=off-bus:NoSchedule",
+		"0000:84:00.0": "offered, tainted vfio.dra.dev/no-reset:None",
+		"0000:01:00.0": "offered, tainted vfio.dra.dev/unhealthy=driver-changed:NoSchedule",
+		"0000:01:00.1": "offered, tainted vfio.dra.dev/unhealthy=driver-changed:NoSchedule",
+		"0000:03:00.0": "offered",
+	} {
+		var row string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, addr) {
+				row = l
+			}
+		}
+		if !strings.Contains(row, " "+want) || want == "offered" && strings.Contains(row, "tainted") {
+			t.Errorf("row of %s: %q, want %q", addr, row, want)
+		}
+	}
+
+	o.Output = inspect.FormatJSON
+	out, _, err = run(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list corev1.List
+	if err := json.Unmarshal([]byte(out), &list); err != nil {
+		t.Fatal(err)
+	}
+	taints := map[string][]resourceapi.DeviceTaint{}
+	for _, item := range list.Items {
+		var s resourceapi.ResourceSlice
+		if err := json.Unmarshal(item.Raw, &s); err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range s.Spec.Devices {
+			if len(d.Taints) > 0 {
+				taints[d.Name] = d.Taints
+			}
+		}
+	}
+	driverChanged := []resourceapi.DeviceTaint{{Key: "vfio.dra.dev/unhealthy", Value: "driver-changed", Effect: resourceapi.DeviceTaintEffectNoSchedule}}
+	want := map[string][]resourceapi.DeviceTaint{
+		"pci-0000-82-00-0": {{Key: "vfio.dra.dev/unhealthy", Value: "off-bus", Effect: resourceapi.DeviceTaintEffectNoSchedule}},
+		"pci-0000-84-00-0": {{Key: "vfio.dra.dev/no-reset", Effect: resourceapi.DeviceTaintEffectNone}},
+		"pci-0000-01-00-0": driverChanged,
+		"pci-0000-01-00-1": driverChanged,
+	}
+	if diff := cmp.Diff(want, taints); diff != "" {
+		t.Errorf("taints in the slices (-want +got):\n%s", diff)
 	}
 }

@@ -129,7 +129,7 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 		rollbackFailed: make(chan struct{}, 1),
 		logged:         map[pci.Address]bool{},
 
-		health:   health.NewChecker(fs, health.Options{}),
+		health:   health.NewChecker(fs, health.Options{StateFile: filepath.Join(cfg.PluginDataDir, healthStateFile)}),
 		reporter: health.NewReporter(),
 		seen:     map[pci.Address]inventory.Decision{},
 	}
@@ -422,8 +422,12 @@ func (d *Driver) removeOrphans(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// checkpointFile is the checkpoint's name in the plugin data directory.
-const checkpointFile = "checkpoint.json"
+// checkpointFile is the checkpoint's name in the plugin data directory;
+// healthStateFile keeps the health checks' fatal AER counts there.
+const (
+	checkpointFile  = "checkpoint.json"
+	healthStateFile = "health.json"
+)
 
 // forgetOtherBoots drops claims checkpointed in an earlier boot: a reboot
 // reset every driver binding and driver_override, so there is nothing left

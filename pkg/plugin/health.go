@@ -7,6 +7,7 @@ import (
 	"time"
 
 	resourceapi "k8s.io/api/resource/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/dynamic-resource-allocation/kubeletplugin"
 	"k8s.io/dynamic-resource-allocation/resourceslice"
 	"k8s.io/klog/v2"
@@ -30,6 +31,10 @@ type verdict struct {
 	inv *inventory.Inventory
 	// status is keyed by device name.
 	status map[string]health.Status
+	// attributes are what a held device that was gone before this process
+	// saw it was published with, from the checkpoint: they replace what
+	// can be told from the address alone.
+	attributes map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute
 }
 
 // judge checks the offered functions of inv and every function a prepared
@@ -44,53 +49,19 @@ type verdict struct {
 // the claim is unprepared, the device is no longer published. An unclaimed
 // device that disappeared is simply no longer published.
 func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkpoint.Checkpoint, deep bool) verdict {
-	byAddr := map[pci.Address]health.Function{}
-	owners := map[pci.Address][]string{}
+	targets := health.TargetsOf(inv.Decisions, cp)
 	offered := map[pci.Address]bool{}
 	for _, dec := range inv.Offered() {
-		a := dec.Device.Address
-		offered[a] = true
-		byAddr[a] = health.Function{Address: a}
-		owners[a] = []string{a.DeviceName()}
-		d.seen[a] = dec
-	}
-	held := map[pci.Address]checkpoint.Device{}
-	for _, c := range cp.Claims {
-		if c.State != checkpoint.PrepareCompleted {
-			continue // in flux: judged once the prepare finished or was undone
-		}
-		for _, dev := range c.Devices {
-			i := slices.IndexFunc(c.Groups, func(g checkpoint.Group) bool { return g.Number == dev.IOMMUGroup })
-			if i < 0 {
-				continue
-			}
-			if a, err := pci.ParseAddress(dev.PCIAddress); err == nil {
-				held[a] = dev
-			}
-			// The functions that moved with the device are its health too.
-			for _, m := range c.Groups[i].Members {
-				a, err := pci.ParseAddress(m.Address)
-				if err != nil {
-					continue
-				}
-				byAddr[a] = health.Function{Address: a, BoundTo: c.Groups[i].TargetOf(m)}
-				if !slices.Contains(owners[a], dev.Device) {
-					owners[a] = append(owners[a], dev.Device)
-				}
-			}
-		}
+		offered[dec.Device.Address] = true
+		d.seen[dec.Device.Address] = dec
 	}
 	for a := range d.seen {
-		if _, ok := byAddr[a]; !ok {
+		if _, ok := targets.Owners[a]; !ok {
 			delete(d.seen, a)
 		}
 	}
 
-	fns := make([]health.Function, 0, len(byAddr))
-	for _, fn := range byAddr {
-		fns = append(fns, fn)
-	}
-	results, errs := d.health.Check(fns, deep)
+	results, errs := d.health.Check(targets.Functions, deep)
 	logger := klog.FromContext(ctx)
 	for _, err := range errs {
 		if deep {
@@ -99,21 +70,23 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 			logger.V(4).Info("Device health check could not read an attribute", "err", err)
 		}
 	}
-	v := verdict{inv: &inventory.Inventory{Decisions: slices.Clone(inv.Decisions), Problems: inv.Problems}, status: map[string]health.Status{}}
-	for a, st := range results {
-		for _, name := range owners[a] {
-			v.status[name] = v.status[name].Merge(st)
-		}
-	}
-	for a, dev := range held {
+	v := verdict{inv: &inventory.Inventory{Decisions: slices.Clone(inv.Decisions), Problems: inv.Problems}, status: targets.ByDevice(results)}
+	for a, dev := range targets.Held {
 		if offered[a] || !v.status[dev.Device].Gone() {
 			continue
 		}
 		ghost, ok := d.seen[a]
 		if !ok {
 			// Gone before this process saw it (the plugin restarted):
-			// publish what the checkpoint knows, enough for the group's
-			// counter and for eviction.
+			// publish what the checkpoint knows: the attributes it was
+			// published with when the claim was prepared, the group for
+			// its counter, and the taint for eviction.
+			if len(dev.Attributes) > 0 {
+				if v.attributes == nil {
+					v.attributes = map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute{}
+				}
+				v.attributes[dev.Device] = dev.Attributes
+			}
 			group := dev.IOMMUGroup
 			ghost = inventory.Decision{Device: &pci.Device{Address: a, IOMMUGroup: &group, NUMANode: -1}}
 			for _, c := range cp.Claims {
@@ -142,6 +115,9 @@ func (d *Driver) judge(ctx context.Context, inv *inventory.Inventory, cp *checkp
 type publication struct {
 	inv    *inventory.Inventory
 	taints map[string][]resourceapi.DeviceTaint
+	// attributes replace the built attributes of gone held devices (see
+	// verdict).
+	attributes map[string]map[resourceapi.QualifiedName]resourceapi.DeviceAttribute
 }
 
 // publication returns what to publish for the verdict; withoutCounters
@@ -157,12 +133,24 @@ func (v verdict) publication(driverName string, withoutCounters bool) publicatio
 	if withoutCounters {
 		inv = resources.WithoutSharedGroups(inv)
 	}
-	return publication{inv: inv, taints: taints}
+	return publication{inv: inv, taints: taints, attributes: v.attributes}
 }
 
 // resources builds the slices of the publication.
 func (p publication) resources(nodeName string) resourceslice.DriverResources {
-	return resources.BuildTainted(nodeName, p.inv, p.taints)
+	res := resources.BuildTainted(nodeName, p.inv, p.taints)
+	if len(p.attributes) > 0 {
+		for _, pool := range res.Pools {
+			for _, slice := range pool.Slices {
+				for i := range slice.Devices {
+					if attrs, ok := p.attributes[slice.Devices[i].Name]; ok {
+						slice.Devices[i].Attributes = maps.Clone(attrs)
+					}
+				}
+			}
+		}
+	}
+	return res
 }
 
 // equal reports whether p publishes what o (nil: nothing yet) published,
@@ -170,7 +158,8 @@ func (p publication) resources(nodeName string) resourceslice.DriverResources {
 // deep comparison of the slices.
 func (p publication) equal(o *publication) bool {
 	return o != nil && inventory.EqualDecisions(p.inv.Decisions, o.inv.Decisions) &&
-		maps.EqualFunc(p.taints, o.taints, slices.Equal[[]resourceapi.DeviceTaint])
+		maps.EqualFunc(p.taints, o.taints, slices.Equal[[]resourceapi.DeviceTaint]) &&
+		equality.Semantic.DeepEqual(p.attributes, o.attributes)
 }
 
 // report tells the kubelet the health of every published device.
