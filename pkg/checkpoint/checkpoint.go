@@ -115,9 +115,8 @@ type Member struct {
 	Driver         string `json:"driver,omitempty"`
 	DriverOverride string `json:"driverOverride,omitempty"`
 	// Target is the driver this member was bound to when it is not the
-	// group's: driver "auto" picks a variant per function. It is written
-	// only then, so that a checkpoint without such a group stays readable
-	// by versions before this field, whose decoder refuses unknown fields.
+	// group's: driver "auto" picks a variant per function. Stored in the
+	// extras file (see ExtrasKind).
 	Target string `json:"target,omitempty"`
 }
 

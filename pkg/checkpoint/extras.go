@@ -34,6 +34,20 @@ type claimExtras struct {
 	State     ClaimState     `json:"state,omitempty"`
 	LastError string         `json:"lastError,omitempty"`
 	Devices   []deviceExtras `json:"devices,omitempty"`
+	// Targets are the Member.Target of the claim's group members that
+	// have one (driver "auto" bound them to another driver than their
+	// group's). An older version, which reads only the group's target,
+	// still gives every member back to its own original driver.
+	Targets []memberTarget `json:"targets,omitempty"`
+}
+
+// memberTarget is Groups[Group].Members[Member].Target of a claim; Address
+// is that member's, so that a claim whose groups changed since gets none.
+type memberTarget struct {
+	Group   int    `json:"group"`
+	Member  int    `json:"member"`
+	Address string `json:"address"`
+	Target  string `json:"target"`
 }
 
 type deviceExtras struct {
@@ -72,7 +86,14 @@ func extrasOf(cp *Checkpoint) map[string]*claimExtras {
 				e.Devices = append(e.Devices, deviceExtras{Device: d.Device, PCIAddress: d.PCIAddress, Attributes: d.Attributes})
 			}
 		}
-		if e.LastError != "" || len(e.Devices) > 0 {
+		for i, g := range c.Groups {
+			for j, m := range g.Members {
+				if m.Target != "" {
+					e.Targets = append(e.Targets, memberTarget{Group: i, Member: j, Address: m.Address, Target: m.Target})
+				}
+			}
+		}
+		if e.LastError != "" || len(e.Devices) > 0 || len(e.Targets) > 0 {
 			out[uid] = e
 		}
 	}
@@ -94,6 +115,13 @@ func withoutExtras(cp *Checkpoint) *Checkpoint {
 		for i := range cc.Devices {
 			cc.Devices[i].Attributes = nil
 		}
+		cc.Groups = slices.Clone(c.Groups)
+		for i := range cc.Groups {
+			cc.Groups[i].Members = slices.Clone(cc.Groups[i].Members)
+			for j := range cc.Groups[i].Members {
+				cc.Groups[i].Members[j].Target = ""
+			}
+		}
 		out.Claims[uid] = &cc
 	}
 	return out
@@ -110,6 +138,14 @@ func (e *extras) apply(cp *Checkpoint) {
 		}
 		if c.LastError == "" && ce.State == c.State {
 			c.LastError = ce.LastError
+		}
+		for _, mt := range ce.Targets {
+			if mt.Group < 0 || mt.Group >= len(c.Groups) || mt.Member < 0 || mt.Member >= len(c.Groups[mt.Group].Members) {
+				continue
+			}
+			if m := &c.Groups[mt.Group].Members[mt.Member]; m.Address == mt.Address && m.Target == "" {
+				m.Target = mt.Target
+			}
 		}
 		// The n-th device of a name and address gets the n-th extras of
 		// them (one device can be listed twice, for two requests).

@@ -250,11 +250,12 @@ func (b *Binder) Snapshot(addrs []pci.Address) ([]Original, error) {
 }
 
 // Bind moves every function in originals to target ("vfio-pci" or a variant
-// such as "mlx5_vfio_pci"), or to its own Original.Target where set: it writes target to driver_override, the address
-// to the current driver's unbind file (then waits until the driver link is
-// gone) and the address to bus/pci/drivers_probe, then waits until the
-// driver link names target. Functions already on target get no write. At
-// the end it waits for <devRoot>/vfio/<group>.
+// such as "mlx5_vfio_pci"), or to its own Original.Target where set: it
+// writes target to driver_override, the address to the current driver's
+// unbind file (then waits until the driver link is gone) and the address to
+// bus/pci/drivers_probe, then waits until the driver link names target.
+// Functions already on target get no write. At the end it waits for
+// <devRoot>/vfio/<group>.
 //
 // Nothing is written when target is not loaded, a function is not in group,
 // or the group could not be used afterwards: the kernel refuses user space a
