@@ -99,6 +99,19 @@ func TestPrepareAutoPerMember(t *testing.T) {
 	if len(entry.Groups) != len(wantGroups) {
 		t.Errorf("checkpoint has %d groups, want %d", len(entry.Groups), len(wantGroups))
 	}
+	// The GPU's own target is in the extras file: the previous
+	// version's strict decoder reads checkpoint.json.
+	main, err := os.ReadFile(filepath.Join(n.cfg.PluginDataDir, "checkpoint.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	extras, err := os.ReadFile(checkpoint.ExtrasPath(filepath.Join(n.cfg.PluginDataDir, "checkpoint.json")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(main), "nvgrace_gpu_vfio_pci") || !strings.Contains(string(extras), "nvgrace_gpu_vfio_pci") {
+		t.Errorf("the GPU's own target belongs in the extras file; checkpoint.json:\n%s\nextras:\n%s", main, extras)
+	}
 
 	spec := n.inject(t, allCDIIDs(devs))
 	env := envOf(spec)
