@@ -34,6 +34,7 @@ FUZZ_TARGETS = \
 	./pkg/cdispec:FuzzSpec \
 	./pkg/checkpoint:FuzzDecode \
 	./pkg/checkpoint:FuzzDecodeData \
+	./pkg/checkpoint:FuzzDecodeExtras \
 	./pkg/health:FuzzHealthFiles \
 	./pkg/health:FuzzParseAERTotal \
 	./pkg/pci:FuzzDeviceAttribute \
@@ -89,7 +90,7 @@ test-vm:
 	./test/vm/run.sh
 
 ## test-tools: the image build (reproducible, both platforms, importable layout,
-## Dockerfile equivalent) and the examples decoded into their API types.
+## Dockerfile equivalent), and the examples and the chart's ServiceMonitor decoded into their API types.
 test-tools:
 	cd tools && $(GO) test -count=1 -timeout 45m ./...
 

@@ -93,6 +93,7 @@ check() {
 		refuse "${h}" "a model without a name" "every entry needs a name" --set 'deviceClasses.models[0].vendorID=10de'
 		refuse "${h}" "an upper-case vendor ID" 'vendorID "10DE" is not 4 lower-case hex digits' --set 'deviceClasses.models[0].name=x' --set 'deviceClasses.models[0].vendorID=10DE'
 		refuse "${h}" "an unknown VfioConfig field" "unknown VfioConfig fields [restore]" --set 'deviceClasses.generic.config.restore=true'
+		refuse "${h}" "a ServiceMonitor without metrics" "metrics.serviceMonitor.enabled needs metrics.enabled" --set 'metrics.serviceMonitor.enabled=true'
 	done
 	local tmp
 	tmp="$(mktemp -d)"

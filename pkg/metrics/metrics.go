@@ -53,6 +53,7 @@ type Metrics struct {
 	unprepareSeconds *prometheus.HistogramVec
 	bindSeconds      *prometheus.HistogramVec
 	unbindSeconds    *prometheus.HistogramVec
+	rescanSeconds    *prometheus.HistogramVec
 	failures         *prometheus.CounterVec
 	rollbacks        *prometheus.CounterVec
 
@@ -92,6 +93,10 @@ func New() *Metrics {
 			Namespace: namespace, Name: "unbind_duration_seconds", Buckets: latencyBuckets,
 			Help: "Time the kernel took to unbind one PCI function, by the driver it was unbound from.",
 		}, []string{"driver"}),
+		rescanSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "rescan_duration_seconds", Buckets: latencyBuckets,
+			Help: "Time to rescan the node and compare with what is published, by result: unchanged, published or error.",
+		}, []string{"result"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "failures_total",
 			Help: "Failed operations, by operation and by the step that failed.",
@@ -102,7 +107,7 @@ func New() *Metrics {
 		}, []string{"result"}),
 	}
 	m.reg.MustRegister(m.functions, m.prepareSeconds, m.unprepareSeconds, m.bindSeconds, m.unbindSeconds,
-		m.failures, m.rollbacks, &hooks{m: m},
+		m.rescanSeconds, m.failures, m.rollbacks, &hooks{m: m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -168,6 +173,30 @@ func (m *Metrics) ObserveUnbind(driver string, d time.Duration) {
 		return
 	}
 	m.unbindSeconds.WithLabelValues(driver).Observe(d.Seconds())
+}
+
+// Rescan results, as the result label of vfio_dra_rescan_duration_seconds
+// names them.
+const (
+	RescanUnchanged = "unchanged"
+	RescanPublished = "published"
+	RescanError     = "error"
+)
+
+// ObserveRescan records one rescan: whether it published (something
+// changed) or failed.
+func (m *Metrics) ObserveRescan(d time.Duration, published bool, err error) {
+	if m == nil {
+		return
+	}
+	r := RescanUnchanged
+	switch {
+	case err != nil:
+		r = RescanError
+	case published:
+		r = RescanPublished
+	}
+	m.rescanSeconds.WithLabelValues(r).Observe(d.Seconds())
 }
 
 // Failure counts a failed operation that has no latency of its own (a

@@ -32,6 +32,10 @@ func TestMetrics(t *testing.T) {
 	m.ObserveUnprepare(time.Millisecond, "", nil)
 	m.ObserveBind("vfio-pci", 500*time.Millisecond)
 	m.ObserveUnbind("nvidia", time.Second)
+	m.ObserveRescan(2*time.Millisecond, true, nil)
+	m.ObserveRescan(time.Millisecond, false, nil)
+	m.ObserveRescan(time.Millisecond, false, nil)
+	m.ObserveRescan(time.Millisecond, false, errors.New("unreadable"))
 	m.Rollback(nil)
 	m.Rollback(errors.New("stuck"))
 	m.SetPreparedClaimsSource(func() (int, error) { return 2, nil })
@@ -77,6 +81,7 @@ vfio_dra_device_taints{effect="NoExecute",key="vfio.dra.dev/gone"} 1
 	for name, count := range map[string]int{
 		"vfio_dra_prepare_duration_seconds": 2, "vfio_dra_unprepare_duration_seconds": 1,
 		"vfio_dra_bind_duration_seconds": 1, "vfio_dra_unbind_duration_seconds": 1,
+		"vfio_dra_rescan_duration_seconds": 3,
 	} {
 		n, err := testutil.GatherAndCount(m.Registry(), name)
 		if err != nil || n != count {
@@ -86,6 +91,7 @@ vfio_dra_device_taints{effect="NoExecute",key="vfio.dra.dev/gone"} 1
 
 	code, body := get(t, m.Handler(), "/metrics")
 	if code != http.StatusOK || !strings.Contains(body, `vfio_dra_unbind_duration_seconds_bucket{driver="nvidia",le="1"} 1`) ||
+		!strings.Contains(body, `vfio_dra_rescan_duration_seconds_count{result="unchanged"} 2`) ||
 		!strings.Contains(body, "process_resident_memory_bytes") {
 		t.Errorf("/metrics answered %d without the unbind histogram or the process metrics:\n%s", code, body)
 	}

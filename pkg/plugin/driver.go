@@ -234,7 +234,9 @@ func (d *Driver) Wait(ctx context.Context) error {
 
 // Resync scans sysfs and publishes the result if it differs from what was
 // published last. It reports whether it published.
-func (d *Driver) Resync(ctx context.Context) (bool, error) {
+func (d *Driver) Resync(ctx context.Context) (published bool, err error) {
+	start := time.Now()
+	defer func() { d.cfg.Metrics.ObserveRescan(time.Since(start), published, err) }()
 	logger := klog.FromContext(ctx)
 	if err := d.removeOrphans(ctx); err != nil {
 		logger.Error(err, "Removing CDI specs and device metadata that no claim owns")

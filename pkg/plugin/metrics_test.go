@@ -44,14 +44,7 @@ func TestMetrics(t *testing.T) {
 	n.mustPrepare(ctx, t, gpu)
 	gauge := func(name string) string {
 		t.Helper()
-		rec := httptest.NewRecorder()
-		m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
-		for _, line := range strings.Split(rec.Body.String(), "\n") {
-			if strings.HasPrefix(line, name+" ") {
-				return strings.TrimPrefix(line, name+" ")
-			}
-		}
-		return ""
+		return scrape(t, m, name)
 	}
 	if got := gauge("vfio_dra_prepared_claims"); got != "1" {
 		t.Errorf("vfio_dra_prepared_claims = %q after one prepare, want 1", got)
@@ -209,4 +202,30 @@ vfio_dra_device_unhealthy{device="pci-0000-83-00-0"} 1
 vfio_dra_device_taints{effect="None",key="vfio.dra.dev/no-reset"} 1
 vfio_dra_device_taints{effect="NoSchedule",key="vfio.dra.dev/unhealthy"} 1
 `, names...)
+
+	// Each rescan is timed by its result: the start, the three changes
+	// above (the AER error through the cheap check's rescan), and one that
+	// finds nothing new.
+	if changed, err := d.Resync(ctx); err != nil || changed {
+		t.Fatalf("Resync with nothing changed = %v, %v", changed, err)
+	}
+	for result, want := range map[string]int{metrics.RescanPublished: 4, metrics.RescanUnchanged: 1} {
+		line := `vfio_dra_rescan_duration_seconds_count{result="` + result + `"}`
+		if got := scrape(t, m, line); got != strconv.Itoa(want) {
+			t.Errorf("%s = %q, want %d", line, got, want)
+		}
+	}
+}
+
+// scrape returns the value of one line of /metrics ("" if missing).
+func scrape(t *testing.T, m *metrics.Metrics, name string) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	for _, line := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(line, name+" ") {
+			return strings.TrimPrefix(line, name+" ")
+		}
+	}
+	return ""
 }

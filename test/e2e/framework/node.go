@@ -54,6 +54,11 @@ type NodeOptions struct {
 	// the kubelet's own, and the kubelet, not the caller, registers the
 	// plugin and calls DRA; Node.DRA stays nil. "" plays the kubelet.
 	KubeletRootDir string
+	// Layout lays out the node's sysfs tree and host view below sysfsRoot
+	// and procRoot instead of the demo server's (pcitest.NewServer and
+	// hostviewtest.Server), e.g. pcitest.NewSRIOVNode and hostviewtest.New,
+	// and returns the host view (Node.Host).
+	Layout func(sysfsRoot, procRoot string) (*hostviewtest.Host, error)
 	// Registrations, with KubeletRootDir, counts how often the kubelet has
 	// connected to the plugin; StartPlugin waits until it grows.
 	Registrations func() (int, error)
@@ -150,13 +155,19 @@ func startNodeParts(ctx context.Context, cp *ControlPlane, opts NodeOptions, sta
 	if err := os.WriteFile(filepath.Join(n.ProcRoot, "sys", "kernel", "random", "boot_id"), []byte(bootID+"\n"), 0o644); err != nil {
 		return nil, err
 	}
-	if _, err := pcitest.NewServer(n.SysfsRoot); err != nil {
-		return nil, fmt.Errorf("lay out the demo server's sysfs: %w", err)
-	}
-	// What the host uses: root on the chipset's SATA disk, the default
-	// route on the SR-IOV PF; nothing the server offers.
-	if n.Host, err = hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
-		return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
+	if opts.Layout != nil {
+		if n.Host, err = opts.Layout(n.SysfsRoot, n.ProcRoot); err != nil {
+			return nil, fmt.Errorf("lay out node %s: %w", opts.Name, err)
+		}
+	} else {
+		if _, err := pcitest.NewServer(n.SysfsRoot); err != nil {
+			return nil, fmt.Errorf("lay out the demo server's sysfs: %w", err)
+		}
+		// What the host uses: root on the chipset's SATA disk, the default
+		// route on the SR-IOV PF; nothing the server offers.
+		if n.Host, err = hostviewtest.Server(n.SysfsRoot, n.ProcRoot); err != nil {
+			return nil, fmt.Errorf("lay out the demo server's host view: %w", err)
+		}
 	}
 	// The plugin's ResourceSlices are owned by the Node; it must exist first.
 	// A kubelet has registered its Node already.

@@ -29,6 +29,8 @@ type Process struct {
 	// StopGracePeriod is how long Stop waits after SIGTERM before it kills the
 	// process group.
 	StopGracePeriod time.Duration
+	// Started is when the process was started (just before fork and exec).
+	Started time.Time
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -64,10 +66,11 @@ func StartProcess(logDir, name string, env []string, binary string, args ...stri
 		// another goroutine), the kernel still ends the child.
 		Pdeathsig: syscall.SIGKILL,
 	}
+	started := time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &Process{Name: name, LogPath: logPath, StopGracePeriod: DefaultStopGracePeriod, cmd: cmd, done: make(chan struct{})}
+	p := &Process{Name: name, LogPath: logPath, StopGracePeriod: DefaultStopGracePeriod, Started: started, cmd: cmd, done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		p.mu.Lock()

@@ -47,3 +47,8 @@ config:
       iommufd: {{ .iommufd }}
       {{- end }}
 {{- end }}
+
+{{/* The metrics Service's label of its own, which the ServiceMonitor selects (with the release's). */}}
+{{- define "vfio-dra-driver.metricsLabels" -}}
+app.kubernetes.io/component: metrics
+{{- end }}
