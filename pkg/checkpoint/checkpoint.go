@@ -115,9 +115,9 @@ type Member struct {
 	Driver         string `json:"driver,omitempty"`
 	DriverOverride string `json:"driverOverride,omitempty"`
 	// Target is the driver this member was bound to when it is not the
-	// group's: driver "auto" picks a variant per function. Stored in the
-	// extras file (see ExtrasKind).
-	Target string `json:"target,omitempty"`
+	// group's: driver "auto" picks a variant per function. Stored only in
+	// the extras file (see ExtrasKind), never in the checkpoint file.
+	Target string `json:"-"`
 }
 
 // TargetOf returns the driver member m of g was bound to.

@@ -103,11 +103,9 @@ func prevDecode(content []byte) (*prevCheckpoint, error) {
 	return cp, nil
 }
 
-// withExtras is sample() with a failed rollback, device attributes and a
-// group member bound to another driver than its group's.
+// withExtras is sample() with a failed rollback and device attributes.
 func withExtras() *Checkpoint {
 	cp := sample()
-	cp.Claims["0b6f2b4e-9a41-4c3e-8f7e-1d2c3b4a5f60"].Groups[0].Members[1].Target = "mlx5_vfio_pci"
 	cp.Claims["0b6f2b4e-9a41-4c3e-8f7e-1d2c3b4a5f60"].Devices[0].Attributes = map[resourceapi.QualifiedName]resourceapi.DeviceAttribute{
 		"vendorID":   {StringValue: strPtr("8086")},
 		"iommuGroup": {IntValue: int64Ptr(42)},

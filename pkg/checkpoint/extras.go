@@ -115,13 +115,6 @@ func withoutExtras(cp *Checkpoint) *Checkpoint {
 		for i := range cc.Devices {
 			cc.Devices[i].Attributes = nil
 		}
-		cc.Groups = slices.Clone(c.Groups)
-		for i := range cc.Groups {
-			cc.Groups[i].Members = slices.Clone(cc.Groups[i].Members)
-			for j := range cc.Groups[i].Members {
-				cc.Groups[i].Members[j].Target = ""
-			}
-		}
 		out.Claims[uid] = &cc
 	}
 	return out
@@ -143,7 +136,11 @@ func (e *extras) apply(cp *Checkpoint) {
 			if mt.Group < 0 || mt.Group >= len(c.Groups) || mt.Member < 0 || mt.Member >= len(c.Groups[mt.Group].Members) {
 				continue
 			}
-			if m := &c.Groups[mt.Group].Members[mt.Member]; m.Address == mt.Address && m.Target == "" {
+			// What unprepare gives back comes from the checkpoint file
+			// alone: a target can only be a VFIO driver and never the
+			// member's original driver, so it never keeps a member from
+			// going back, and a repair never binds it to a host driver.
+			if m := &c.Groups[mt.Group].Members[mt.Member]; m.Address == mt.Address && m.Target == "" && vfioTarget(mt.Target) && mt.Target != m.Driver {
 				m.Target = mt.Target
 			}
 		}
@@ -221,4 +218,13 @@ func decodeExtras(content []byte) (*extras, error) {
 		return nil, fmt.Errorf("%w: data: %w", ErrCorrupt, err)
 	}
 	return e, nil
+}
+
+// vfioTarget reports whether a member's target from the extras file names a
+// VFIO driver as Linux names them: vfio-pci or a variant *_vfio_pci. A
+// variant named otherwise loses its member's target (the member counts as
+// on its group's target), which costs a rebind to vfio-pci, never safety.
+func vfioTarget(name string) bool {
+	n := strings.ReplaceAll(name, "-", "_")
+	return n == "vfio_pci" || (strings.HasSuffix(n, "_vfio_pci") && len(n) <= 64 && !strings.ContainsAny(n, "/. "))
 }
