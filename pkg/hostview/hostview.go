@@ -93,6 +93,92 @@ func (r *Reader) Read(own Own) *inventory.HostUse {
 	return &inventory.HostUse{InUse: v.inUse, Unavailable: strings.Join(v.unavailable, "; ")}
 }
 
+// ReadFor is Read for preparing the functions fns. The host's tables
+// (mounts, swap, held block devices, network, console) are read as Read
+// reads them, one file each. The open files of every process, which cost
+// more the more processes the host runs, are only walked when a process
+// can hold one of the IOMMU groups of fns through VFIO now (vfioReachable):
+// otherwise nothing there can name them.
+func (r *Reader) ReadFor(own Own, fns []pci.Address) *inventory.HostUse {
+	v := &view{r: r, inUse: map[pci.Address]string{}}
+	v.checkHostPIDNamespace()
+	v.readMounts()
+	v.readSwaps()
+	v.readHeldBlockDevices()
+	v.readNetwork()
+	v.readConsole()
+	if r.vfioReachable(fns) {
+		v.readVFIOHolders(own)
+	}
+	return &inventory.HostUse{InUse: v.inUse, Unavailable: strings.Join(v.unavailable, "; ")}
+}
+
+// vfioReachable reports whether a process may hold an IOMMU group of fns,
+// or a function below one of its members, through VFIO: the kernel has a
+// VFIO group device for the group (class/vfio/N), or such a function is
+// bound to a VFIO driver (the group node and the device cdevs exist only
+// then; when the last function leaves VFIO the kernel detaches the group
+// from open group files). Whatever cannot be read counts as reachable.
+func (r *Reader) vfioReachable(fns []pci.Address) bool {
+	for _, fn := range fns {
+		rel, err := r.resolve(pci.BusDevicesDir + "/" + fn.String() + "/iommu_group")
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // no such function, or no group: the prepare refuses it
+		}
+		if err != nil {
+			return true
+		}
+		group := path.Base(rel)
+		if !validName(group) || exists(r.sysPath("class/vfio/"+group)) || exists(r.sysPath("class/vfio/noiommu-"+group)) {
+			return true
+		}
+		members, err := listDir(r.sysPath(pci.IOMMUGroupDir + "/" + group + "/devices"))
+		if err != nil {
+			return true
+		}
+		for _, m := range members {
+			dir, err := r.resolve(pci.IOMMUGroupDir + "/" + group + "/devices/" + m)
+			if err != nil || r.vfioBelow(dir, 0) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// vfioBelow reports whether the function in the device directory dir
+// (relative to the sysfs root), or a function below it (behind a bridge,
+// or in the PCI domain of a VMD controller), is bound to a VFIO driver.
+func (r *Reader) vfioBelow(dir string, depth int) bool {
+	if depth > maxDepth {
+		return true
+	}
+	if driver, err := os.Readlink(r.sysPath(dir + "/driver")); err == nil && strings.Contains(path.Base(driver), "vfio") {
+		return true
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return true
+	}
+	entries, err := os.ReadDir(r.sysPath(dir))
+	if err != nil {
+		return true
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !e.IsDir() {
+			continue
+		}
+		if _, err := pci.ParseAddress(name); err == nil {
+			if r.vfioBelow(dir+"/"+name, depth+1) {
+				return true
+			}
+		} else if pcieRoot.MatchString(name) && r.vfioBelow(dir+"/"+name, depth+1) {
+			// A PCI domain below an endpoint: a VMD controller's.
+			return true
+		}
+	}
+	return false
+}
+
 // checkHostPIDNamespace fails the view when the proc root is not the
 // host's: kthreadd is PID 2 only in the initial PID namespace. A container's
 // own /proc would show the container's mounts and none of the host's

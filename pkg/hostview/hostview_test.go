@@ -441,3 +441,81 @@ func TestParseMountinfo(t *testing.T) {
 		})
 	}
 }
+
+// TestReadForSeesWhatReadSees: for each function of the running host,
+// the read for preparing it sees what the full read sees about its group
+// and the functions below it; the walk of the processes' open files is
+// left out only where no process can hold them through VFIO.
+func TestReadForSeesWhatReadSees(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	tree, h, err := hostviewtest.RunningHost(filepath.Join(dir, "sys"), filepath.Join(dir, "proc"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A process still holding the node of a group that left VFIO: the
+	// kernel detached that group, nothing of the NVMe drive is reachable.
+	must(t, h.AddProcess(7000, "stale", "/dev/vfio/62"))
+	fs, err := pci.NewFS(tree.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := hostview.New(h.Sys, h.Proc)
+	own := hostview.Own{Groups: map[int]bool{hostviewtest.OwnGroup: true}}
+	full := r.Read(own)
+	devices, _, err := fs.Scan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range devices {
+		got := r.ReadFor(own, []pci.Address{d.Address})
+		if got.Unavailable != full.Unavailable {
+			t.Errorf("%s: Unavailable = %q, the full read says %q", d.Address, got.Unavailable, full.Unavailable)
+		}
+		// The functions whose use decides on d: its group's and those
+		// below them.
+		var members []pci.Address
+		if d.IOMMUGroup != nil {
+			if members, err = fs.IOMMUGroupMembers(*d.IOMMUGroup); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, o := range devices {
+			for _, m := range members {
+				if !strings.Contains(o.Path, "/"+m.String()+"/") && o.Address != m {
+					continue
+				}
+				if o.Address.String() == hostviewtest.FreeNVMe {
+					continue // the stale holder below
+				}
+				if got.InUse[o.Address] != full.InUse[o.Address] {
+					t.Errorf("ReadFor(%s): %s in use %q, the full read says %q", d.Address, o.Address, got.InUse[o.Address], full.InUse[o.Address])
+				}
+			}
+		}
+	}
+	// The VM's GPU sits below the root port 0000:00:1c.0: preparing the
+	// port (were it offered) must see it held.
+	if e := r.ReadFor(own, []pci.Address{addr(t, "0000:00:1c.0")}).InUse[addr(t, hostviewtest.VMGPU)]; e == "" {
+		t.Error("ReadFor of the root port above the VM's GPU does not see the GPU held")
+	}
+	if e := full.InUse[addr(t, hostviewtest.FreeNVMe)]; e == "" {
+		t.Error("the full read does not see the stale holder of the NVMe drive's group")
+	}
+	if e := r.ReadFor(own, []pci.Address{addr(t, hostviewtest.FreeNVMe)}).InUse[addr(t, hostviewtest.FreeNVMe)]; e != "" {
+		t.Errorf("ReadFor of the NVMe drive on its host driver walked the processes: %q", e)
+	}
+	// A kernel before 6.2 keeps the group while the process holds it:
+	// then the group is walked.
+	must(t, h.AddVFIOGroup(62))
+	if e := r.ReadFor(own, []pci.Address{addr(t, hostviewtest.FreeNVMe)}).InUse[addr(t, hostviewtest.FreeNVMe)]; e != "held by pid 7000 (stale) through /dev/vfio/62" {
+		t.Errorf("ReadFor of the NVMe drive whose VFIO group the kernel keeps: in use %q", e)
+	}
+	must(t, os.Remove(filepath.Join(h.Sys, "class/vfio/62")))
+	// Bound to vfio-pci, the same group is walked.
+	must(t, tree.Unbind(hostviewtest.FreeNVMe))
+	must(t, tree.Bind(hostviewtest.FreeNVMe, "vfio-pci"))
+	if e := r.ReadFor(own, []pci.Address{addr(t, hostviewtest.FreeNVMe)}).InUse[addr(t, hostviewtest.FreeNVMe)]; e != "held by pid 7000 (stale) through /dev/vfio/62" {
+		t.Errorf("ReadFor of the NVMe drive on vfio-pci: in use %q", e)
+	}
+}

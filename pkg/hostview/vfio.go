@@ -18,6 +18,8 @@ var (
 	groupNode = regexp.MustCompile(`^/dev/vfio/([0-9]{1,9})$`)
 	cdevNode  = regexp.MustCompile(`^/dev/vfio/devices/(vfio[0-9]{1,9})$`)
 	pidName   = regexp.MustCompile(`^[1-9][0-9]{0,9}$`)
+	// pcieRoot names a PCI domain's directory (pci0000:00, pci10000:e0).
+	pcieRoot = regexp.MustCompile(`^pci[0-9a-f]{4,8}:[0-9a-f]{2}$`)
 )
 
 // holder is a process with a VFIO device open.

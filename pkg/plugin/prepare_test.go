@@ -429,6 +429,8 @@ func TestPrepareFailureChangesNothing(t *testing.T) {
 		{
 			name: "group opened by another process since the last scan",
 			setup: func(t *testing.T, n *node) {
+				// The kernel keeps the group while a process holds it.
+				must(t, n.host.AddVFIOGroup(27))
 				must(t, n.host.AddProcess(4242, "qemu-system-x86", "/dev/null", "/dev/vfio/vfio", "/dev/vfio/27"))
 			},
 			results:  []resourceapi.DeviceRequestAllocationResult{result("nic", smartNIC), result("fpga", fpga)},

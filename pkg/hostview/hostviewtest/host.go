@@ -375,6 +375,18 @@ func (h *Host) AddVFIODevice(function, cdev string) error {
 	return h.symlink("class/vfio-dev/"+cdev, dir)
 }
 
+// AddVFIOGroup lays out the kernel's VFIO group device of an IOMMU group
+// (devices/virtual/vfio/N and class/vfio/N, behind /dev/vfio/N): there is
+// one while a function of the group is bound to a VFIO driver, and, on
+// kernels before 6.2, as long as a process keeps the group open.
+func (h *Host) AddVFIOGroup(group int) error {
+	dir := "devices/virtual/vfio/" + strconv.Itoa(group)
+	if err := h.writeFiles(dir, map[string]string{"dev": fmt.Sprintf("510:%d\n", group)}); err != nil {
+		return err
+	}
+	return h.symlink("class/vfio/"+strconv.Itoa(group), dir)
+}
+
 // Mount is one mounted file system.
 type Mount struct {
 	Major, Minor int
