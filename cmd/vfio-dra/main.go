@@ -55,6 +55,7 @@ accepts.`,
 	f.StringVar(&o.DriverName, "driver-name", o.DriverName, "DRA driver name.")
 	f.StringVar(&o.ConfigFile, "config", o.ConfigFile, "DriverConfiguration file that filters the offered devices.")
 	f.StringVar(&o.CheckpointFile, "checkpoint", o.CheckpointFile, "The plugin's checkpoint (e.g. /var/lib/kubelet/plugins/vfio.dra.dev/checkpoint.json): show functions moved to vfio by prepared claims with the driver they go back to, as the plugin publishes them.")
+	f.StringVar(&o.HealthStateFile, "health-state", o.HealthStateFile, "The plugin's health state (e.g. /var/lib/kubelet/plugins/vfio.dra.dev/health.json): fatal AER errors since the plugin last looked show as taints, as the plugin publishes them.")
 	f.StringVarP(&o.Output, "output", "o", o.Output, "Output format: table, json or yaml.")
 	_ = cmd.MarkFlagRequired("node-name")
 	return cmd

@@ -148,6 +148,9 @@ type Options struct {
 	// while the plugin was down is then a fault, one already counted is
 	// not.
 	StateFile string
+	// StateReadOnly reads StateFile but never writes it: another process
+	// (the plugin) owns it.
+	StateReadOnly bool
 }
 
 // DefaultAERHold keeps a function that reported a fatal PCIe error
@@ -164,6 +167,7 @@ type Checker struct {
 	hold      time.Duration
 	now       func() time.Time
 	stateFile string
+	readOnly  bool
 
 	mu sync.Mutex
 	// aer is the fatal AER count of each function as first seen, and when
@@ -186,7 +190,7 @@ type aerState struct {
 // NewChecker returns a Checker reading below fs.
 func NewChecker(fs *pci.FS, opts Options) *Checker {
 	c := &Checker{
-		fs: fs, hold: opts.AERHold, now: opts.Now, stateFile: opts.StateFile,
+		fs: fs, hold: opts.AERHold, now: opts.Now, stateFile: opts.StateFile, readOnly: opts.StateReadOnly,
 		aer: map[pci.Address]*aerState{}, offBus: map[pci.Address]bool{}, noReset: map[pci.Address]bool{},
 	}
 	if c.hold <= 0 {
@@ -247,7 +251,7 @@ func (c *Checker) Check(fns []Function, deep bool) (map[pci.Address]Status, []er
 			delete(c.noReset, a)
 		}
 	}
-	if c.stateFile != "" {
+	if c.stateFile != "" && !c.readOnly {
 		if err := c.saveState(); err != nil {
 			errs = append(errs, err)
 		}

@@ -52,7 +52,11 @@ type Options struct {
 	// that prepared claims moved to vfio are then shown with the host
 	// driver they go back to, as the plugin publishes them.
 	CheckpointFile string
-	Output         string
+	// HealthStateFile is the plugin's health state (its fatal AER counts);
+	// "" means none. Fatal AER errors since the plugin last looked, or
+	// still within their hold time, then show as taints too.
+	HealthStateFile string
+	Output          string
 }
 
 // Run scans the sysfs tree and prints the result to out. Functions that
@@ -106,7 +110,7 @@ func Run(out, errOut io.Writer, o Options) error {
 	for _, p := range inv.Problems {
 		fmt.Fprintf(errOut, "warning: skipped: %v\n", p)
 	}
-	taints := healthTaints(errOut, fs, o.DriverName, inv, cp)
+	taints := healthTaints(errOut, fs, o.DriverName, o.HealthStateFile, inv, cp)
 	if o.Output == FormatTable {
 		if err := printTable(out, inv, taints); err != nil {
 			return err
@@ -153,11 +157,12 @@ func SliceListTainted(driverName, nodeName string, inv *inventory.Inventory, tai
 
 // healthTaints judges, as the plugin does at a rescan, the offered
 // functions and those of the checkpoint's prepared claims, and returns the
-// taints the plugin would publish. A fatal AER count that grew is not
-// seen: that needs two looks.
-func healthTaints(errOut io.Writer, fs *pci.FS, driverName string, inv *inventory.Inventory, cp *checkpoint.Checkpoint) map[string][]resourceapi.DeviceTaint {
+// taints the plugin would publish. A fatal AER count that grew is seen
+// only against the plugin's health state (read, never written).
+func healthTaints(errOut io.Writer, fs *pci.FS, driverName, stateFile string, inv *inventory.Inventory, cp *checkpoint.Checkpoint) map[string][]resourceapi.DeviceTaint {
 	targets := health.TargetsOf(inv.Decisions, cp)
-	results, errs := health.NewChecker(fs, health.Options{}).Check(targets.Functions, true)
+	checker := health.NewChecker(fs, health.Options{StateFile: stateFile, StateReadOnly: true})
+	results, errs := checker.Check(targets.Functions, true)
 	for _, err := range errs {
 		fmt.Fprintf(errOut, "warning: %v\n", err)
 	}

@@ -457,3 +457,45 @@ func TestHealthTaints(t *testing.T) {
 		t.Errorf("taints in the slices (-want +got):\n%s", diff)
 	}
 }
+
+// TestHealthState: with the plugin's health state, a fatal AER count that
+// grew since the plugin last looked is an aer-fatal taint; one the plugin
+// counted already is not; the state file is not written.
+func TestHealthState(t *testing.T) {
+	root := server(t)
+	tree := pcitest.Open(root)
+	for addr, n := range map[string]uint64{"0000:82:00.0": 3, "0000:83:00.0": 1} {
+		if err := tree.WriteDeviceFile(addr, "aer_dev_fatal", pcitest.AERFatal(map[string]uint64{"DLP": n})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := filepath.Join(t.TempDir(), "health.json")
+	content := `{"apiVersion": "health.vfio.dra.dev/v1", "kind": "AERBaselines", "functions": {
+  "0000:82:00.0": {"baseline": 1, "last": 1},
+  "0000:83:00.0": {"baseline": 1, "last": 1}}}
+`
+	if err := os.WriteFile(state, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(t, inspect.Options{SysfsRoot: root, NodeName: "n", DriverName: "vfio.dra.dev", HealthStateFile: state, Output: inspect.FormatTable})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for addr, want := range map[string]string{
+		"0000:82:00.0": "offered, tainted vfio.dra.dev/unhealthy=aer-fatal:NoSchedule",
+		"0000:83:00.0": "offered",
+	} {
+		var row string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, addr) {
+				row = l
+			}
+		}
+		if !strings.HasSuffix(row, " "+want) {
+			t.Errorf("row of %s: %q, want it to end in %q", addr, row, want)
+		}
+	}
+	if data, err := os.ReadFile(state); err != nil || string(data) != content {
+		t.Errorf("inspect changed the plugin's health state: %q, %v", data, err)
+	}
+}
