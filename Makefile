@@ -82,8 +82,8 @@ e2e: build
 
 ## e2e-node: a real kubelet, containerd, runc and CNI start pods whose containers
 ## open their VFIO groups (kubelet and containerd built on first use, ~3 minutes).
-e2e-node: build
-	./test/e2e/run-node.sh
+e2e-node: build image
+	VFIO_E2E_IMAGE_TAR=$(IMAGE_TAR) VFIO_E2E_IMAGE=$(IMAGE) ./test/e2e/run-node.sh
 
 ## test-vm: the bind path against a real kernel's vfio-pci under QEMU.
 test-vm:

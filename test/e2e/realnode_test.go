@@ -15,11 +15,14 @@ import (
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	v1 "k8s.io/api/core/v1"
 	resourceapi "k8s.io/api/resource/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/dynamic-resource-allocation/api/metadata"
 	"k8s.io/utils/ptr"
 
@@ -53,9 +56,16 @@ var hostSysctls = []string{
 // are as before.
 func startRealNode(t *testing.T, nodeName string, opts framework.RealNodeOptions) (*framework.ControlPlane, *framework.RealNode) {
 	t.Helper()
+	return startRealNodeWith(t, nodeName, framework.Options{}, opts)
+}
+
+// startRealNodeWith is startRealNode with a control plane started with
+// cpOpts.
+func startRealNodeWith(t *testing.T, nodeName string, cpOpts framework.Options, opts framework.RealNodeOptions) (*framework.ControlPlane, *framework.RealNode) {
+	t.Helper()
 	ctx := t.Context()
 	checkHostUnchanged(t)
-	cp := framework.StartControlPlane(t, framework.Options{})
+	cp := framework.StartControlPlane(t, cpOpts)
 	opts.Node.Name = nodeName
 	opts.Node.ConfigFile = filepath.Join(repoRoot(t), "demo", "config.yaml")
 	opts.Node.PluginArgs = append(opts.Node.PluginArgs, "--rescan-interval=1s")
@@ -816,4 +826,87 @@ func TestRealNodeExtendedResource(t *testing.T) {
 	checkDrivers(t, node.Node, with(before, "vfio-pci", nicAddr))
 	deletePod(ctx, t, cp, running)
 	waitForDrivers(ctx, t, node, before)
+}
+
+// TestRealNodeDaemonSet runs the plugin as production does: the chart's
+// DaemonSet (deployments/kubernetes) on the image "make image" built,
+// imported into the node's containerd from its tarball, with the chart's
+// ServiceAccount, RBAC and admission policy in force on an API server with
+// Node and RBAC authorization, whose ServiceAccount tokens are bound to the
+// pod and so to the node. A pod's claim is prepared by that plugin; a
+// rolling update of the DaemonSet while the pod runs changes nothing on the
+// node and keeps the container; deleting the pod afterwards makes the new
+// plugin unprepare.
+func TestRealNodeDaemonSet(t *testing.T) {
+	ctx := t.Context()
+	cp, node := startRealNodeWith(t, "node-1", framework.Options{ServiceAccounts: true}, framework.RealNodeOptions{NoPlugin: true})
+	plugin, err := node.DeployChart(ctx, filepath.Join(repoRoot(t), "deployments", "kubernetes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := node.ChartPluginPod(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("plugin pod %s/%s runs as service account %s", first.Namespace, first.Name, first.Spec.ServiceAccountName)
+	checkUnboundTokenRefused(ctx, t, cp, node, plugin.Namespace, first.Spec.ServiceAccountName)
+
+	ns, err := framework.CreateNamespace(ctx, cp.Client, "ds")
+	if err != nil {
+		t.Fatal(err)
+	}
+	class := applyDeviceClass(ctx, t, cp)
+	createTemplate(ctx, t, cp, ns, "nic", "nic", class, vendorDevice("19ee", "4000"))
+	before := allDrivers(t, node.Node)
+	pod, logs := startPod(ctx, t, cp, node, withTemplateClaim(newWorkloadPod(ns, "dpdk"), "nic", "nic"))
+	checkProbe(t, logs, map[string]string{
+		"/dev/vfio/vfio":                      "10, 196",
+		fmt.Sprintf("/dev/vfio/%d", nicGroup): fmt.Sprintf("246, %d", nicGroup),
+	}, map[string]string{"VFIO_PCI_ADDRESSES": nicAddr, "VFIO_IOMMU_GROUPS": fmt.Sprint(nicGroup)})
+	claim := generatedClaim(ctx, t, cp, pod, "nic")
+	checkDrivers(t, node.Node, with(before, "vfio-pci", nicAddr))
+
+	want := nodeSnapshot(ctx, t, cp, node)
+	second, err := node.RollChartPlugin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("rolling update: plugin pod %s replaced by %s", first.Name, second.Name)
+	if got := nodeSnapshot(ctx, t, cp, node); got != want {
+		t.Errorf("after the rolling update the node changed:\nbefore:\n%s\nafter:\n%s", want, got)
+	}
+	checkStillRunning(ctx, t, cp, pod, "after the rolling update")
+
+	deletePod(ctx, t, cp, pod)
+	waitForDrivers(ctx, t, node, before)
+	checkNoSpec(t, node.Node, string(claim.UID))
+}
+
+// checkUnboundTokenRefused checks that the chart's admission policy is in
+// force: the plugin's service account with a token that is not bound to a
+// pod (so to no node) may not write this node's slices, although RBAC
+// lets it. The plugin's pod did, so its token is bound to the node.
+func checkUnboundTokenRefused(ctx context.Context, t *testing.T, cp *framework.ControlPlane, node *framework.RealNode, namespace, serviceAccount string) {
+	t.Helper()
+	tr, err := cp.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, serviceAccount, &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := rest.AnonymousClientConfig(cp.Config)
+	cfg.BearerToken = tr.Status.Token
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	items, err := framework.ListNodeSlices(ctx, client, node.Name)
+	if err != nil {
+		t.Fatalf("the plugin's service account cannot list slices: %v", err)
+	}
+	if len(items) == 0 {
+		t.Fatalf("node %s has no slices", node.Name)
+	}
+	err = client.ResourceV1().ResourceSlices().Delete(ctx, items[0].Name, metav1.DeleteOptions{})
+	if err == nil || !strings.Contains(err.Error(), "not bound to a node") {
+		t.Errorf("deleting slice %s with an unbound token of %s/%s: %v, want the admission policy's refusal", items[0].Name, namespace, serviceAccount, err)
+	}
 }

@@ -11,6 +11,8 @@
 #   VFIO_E2E_BIN_DIR         control-plane binaries (default ~/.cache/vfio-dra-driver/control-plane)
 #   VFIO_E2E_NODE_BIN_DIR    kubelet and containerd (default ~/.cache/vfio-dra-driver/node)
 #   VFIO_E2E_DRIVER_BIN_DIR  where "make build" put the driver's binaries (default bin)
+#   VFIO_E2E_IMAGE_TAR       the image tarball of "make image", for the chart's DaemonSet
+#   VFIO_E2E_IMAGE           the image's name in it ("make e2e-node" sets both)
 #   GO_TEST_FLAGS            extra flags for go test, e.g. "-run TestRealNodeSmartNIC"
 set -o errexit -o nounset -o pipefail
 

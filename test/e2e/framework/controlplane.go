@@ -68,7 +68,15 @@ type Options struct {
 	// StartTimeout limits how long each component may take to become ready; 0
 	// means two minutes (generous, because CI machines can be busy).
 	StartTimeout time.Duration
+	// ServiceAccounts runs what pods with service accounts need, as in a
+	// production cluster: Node and RBAC authorization, the ServiceAccount
+	// and NodeRestriction admission plugins, and the token, service-account,
+	// root-CA and DaemonSet controllers.
+	ServiceAccounts bool
 }
+
+// serviceAccountControllers run with Options.ServiceAccounts.
+var serviceAccountControllers = []string{"serviceaccount-token-controller", "serviceaccount-controller", "root-ca-certificate-publisher-controller", "daemonset-controller"}
 
 // ControlPlane is a running set of control-plane processes.
 type ControlPlane struct {
@@ -151,6 +159,17 @@ func Start(ctx context.Context, opts Options) (*ControlPlane, error) {
 	etcdURL, err := cp.startEtcd(ctx, opts)
 	if err != nil {
 		return cp, err
+	}
+	if opts.ServiceAccounts {
+		opts.Controllers = append(slices.Clone(opts.Controllers), serviceAccountControllers...)
+		opts.APIServerArgs = append([]string{
+			"--authorization-mode=Node,RBAC",
+			"--enable-admission-plugins=NodeRestriction",
+		}, opts.APIServerArgs...)
+		opts.ControllerManagerArgs = append([]string{
+			"--service-account-private-key-file=" + cp.pki.SAPrivateKey,
+			"--root-ca-file=" + cp.pki.CAFile,
+		}, opts.ControllerManagerArgs...)
 	}
 	if err := cp.startAPIServer(ctx, opts, etcdURL); err != nil {
 		return cp, err
@@ -361,7 +380,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, opts Options, etcdUR
 			"--endpoint-reconciler-type=none",
 			// Nothing creates service accounts, and nothing (no kubelet, no node
 			// lifecycle controller) would remove the not-ready taint from Nodes.
-			"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+			"--disable-admission-plugins=" + disabledAdmission(opts),
 			// As in kubeadm, kind and managed clusters: the kubelet plugin's
 			// DaemonSet must write sysfs, which needs a privileged container.
 			"--allow-privileged=true",
@@ -385,6 +404,15 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, opts Options, etcdUR
 	})
 	cp.APIServer = p
 	return err
+}
+
+// disabledAdmission lists the admission plugins that the apiserver runs
+// without: ServiceAccount unless Options.ServiceAccounts.
+func disabledAdmission(opts Options) string {
+	if opts.ServiceAccounts {
+		return "TaintNodesByCondition"
+	}
+	return "ServiceAccount,TaintNodesByCondition"
 }
 
 func (cp *ControlPlane) writeKubeconfig(host, token string) error {

@@ -105,6 +105,8 @@ type RealNode struct {
 	shimDir       string
 	kubeletArgs   []string
 	kubeletStarts int
+	// chart is the plugin's DaemonSet (DeployChart).
+	chart *ChartPlugin
 }
 
 // StartRealNode starts containerd and the kubelet for a node named
@@ -626,6 +628,13 @@ func (n *RealNode) cleanup() {
 			if err := n.deleteAllPods(ctx, 60*time.Second); err != nil {
 				note("delete pods: %v", err)
 			}
+			// The plugin's DaemonSet last: its pod unprepares the others'
+			// claims.
+			if n.chart != nil {
+				if err := n.deleteChart(ctx); err != nil {
+					note("delete the plugin's DaemonSet: %v", err)
+				}
+			}
 		}
 	}
 	if n.Node != nil && n.Plugin != nil {
@@ -690,7 +699,13 @@ func (n *RealNode) deleteAllPods(ctx context.Context, timeout time.Duration) err
 	if err != nil {
 		return err
 	}
+	plugin := func(p *v1.Pod) bool {
+		return n.chart != nil && p.Namespace == n.chart.Namespace && isOwnedBy(p, n.chart.Name)
+	}
 	for _, p := range pods.Items {
+		if plugin(&p) {
+			continue
+		}
 		err := client.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64(1))})
 		if err != nil && !apierrors.IsNotFound(err) {
 			return err
@@ -701,7 +716,13 @@ func (n *RealNode) deleteAllPods(ctx context.Context, timeout time.Duration) err
 		if err != nil {
 			return false, "", err
 		}
-		return len(pods.Items) == 0, fmt.Sprintf("%d pods left", len(pods.Items)), nil
+		left := 0
+		for _, p := range pods.Items {
+			if !plugin(&p) {
+				left++
+			}
+		}
+		return left == 0, fmt.Sprintf("%d pods left", left), nil
 	})
 }
 
