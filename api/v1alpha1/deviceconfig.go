@@ -40,9 +40,13 @@ type VfioConfig struct {
 	metav1.TypeMeta `json:",inline"`
 
 	// Driver is the driver the IOMMU group is bound to: "vfio-pci"
-	// (default), "auto", or the name of a vfio variant driver such as
-	// "mlx5_vfio_pci", which must be loaded. Never a host driver: a name
-	// without "vfio" and then "pci" in it is refused. DeviceClass only.
+	// (default), "auto" (per function, the variant that the kernel's
+	// modules.alias names for it, or vfio-pci), or the name of a loaded
+	// vfio variant driver such as "mlx5_vfio_pci". Never a host driver:
+	// prepare, which can read the node's modules.alias, accepts only a
+	// name that ends in _vfio_pci or that modules.alias maps to a
+	// *vfio*pci* module, and fails before it changes anything otherwise.
+	// DeviceClass only.
 	// +optional
 	Driver string `json:"driver,omitempty"`
 
@@ -64,14 +68,6 @@ type VfioConfig struct {
 // a path element, so no dots.
 var kernelDriverName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
-// vfioDriverName is what a vfio variant driver is called: its module is
-// named *vfio*pci* (mlx5_vfio_pci, hisi_acc_vfio_pci, nvgrace_gpu_vfio_pci,
-// virtio_vfio_pci ...), and the driver after its module, with underscores
-// or dashes. The name becomes a sysfs path element, so no dots or slashes.
-// A host driver (nvme, mlx5_core, i40e) never matches: binding a group to
-// one would hand the devices to the host instead of to VFIO.
-var vfioDriverName = regexp.MustCompile(`^[A-Za-z0-9_-]*vfio[A-Za-z0-9_-]*pci[A-Za-z0-9_-]*$`)
-
 // Validate checks the fields. fromClaim is true for configuration that
 // came from a ResourceClaim: it may not set the administrator's fields.
 func (c *VfioConfig) Validate(fromClaim bool) field.ErrorList {
@@ -82,9 +78,11 @@ func (c *VfioConfig) Validate(fromClaim bool) field.ErrorList {
 	if c.Kind != VfioConfigKind {
 		errs = append(errs, field.NotSupported(field.NewPath("kind"), c.Kind, []string{VfioConfigKind}))
 	}
-	if c.Driver != "" && c.Driver != DriverAuto && (len(c.Driver) > 64 || !vfioDriverName.MatchString(c.Driver)) {
+	// Whether a name is a VFIO driver depends on the node's kernel
+	// (modules.alias): prepare decides, here only the form is checked.
+	if c.Driver != "" && c.Driver != DriverAuto && !kernelDriverName.MatchString(c.Driver) {
 		errs = append(errs, field.Invalid(field.NewPath("driver"), c.Driver,
-			`must be "vfio-pci", "auto" or a vfio variant driver such as mlx5_vfio_pci, never a host driver`))
+			`must be "vfio-pci", "auto" or a vfio variant driver such as mlx5_vfio_pci: letters, digits, "_" and "-", at most 64`))
 	}
 	if fromClaim {
 		const why = "only a DeviceClass may set this: it decides what the host gives up"

@@ -34,6 +34,11 @@ const (
 	// EnvIOMMUGroupPrefix, followed by a group number, lists every function
 	// of that group that was bound.
 	EnvIOMMUGroupPrefix = "VFIO_IOMMU_GROUP_"
+	// EnvDriversSuffix follows EnvIOMMUGroupPrefix and a group number: the
+	// variable lists "<address>=<driver>" for every function of the group
+	// that was bound, e.g. a VF on mlx5_vfio_pci next to its PF on
+	// vfio-pci.
+	EnvDriversSuffix = "_DRIVERS"
 )
 
 // Vendor returns the CDI vendor of a driver: "k8s." + driverName.
@@ -86,6 +91,9 @@ type Group struct {
 	// Addresses are the PCI addresses of every function of the group that
 	// was bound.
 	Addresses []string
+	// Drivers maps each of Addresses to the VFIO driver it was bound to;
+	// optional.
+	Drivers map[string]string
 	// DeviceNodes are the host paths to give the container for this group:
 	// legacy "<hostDevRoot>/vfio/<N>" or, for iommufd,
 	// "<hostDevRoot>/vfio/devices/vfioX" per function. The container path
@@ -203,8 +211,20 @@ func Spec(driverName string, c Claim) (*specs.Spec, map[string][]string, error) 
 		)
 	}
 	for _, n := range slices.Sorted(maps.Keys(groups)) {
-		env = append(env, EnvIOMMUGroupPrefix+strconv.Itoa(n)+"="+
-			strings.Join(sortedUnique(groups[n].Addresses), ","))
+		addrs := sortedUnique(groups[n].Addresses)
+		env = append(env, EnvIOMMUGroupPrefix+strconv.Itoa(n)+"="+strings.Join(addrs, ","))
+		if len(groups[n].Drivers) == 0 {
+			continue
+		}
+		pairs := make([]string, 0, len(addrs))
+		for _, a := range addrs {
+			drv := groups[n].Drivers[a]
+			if drv == "" || strings.ContainsAny(drv, ",=") {
+				return nil, nil, fmt.Errorf("claim %s: IOMMU group %d: function %s has no valid driver %q", c.UID, n, a, drv)
+			}
+			pairs = append(pairs, a+"="+drv)
+		}
+		env = append(env, EnvIOMMUGroupPrefix+strconv.Itoa(n)+EnvDriversSuffix+"="+strings.Join(pairs, ","))
 	}
 	slices.Sort(env)
 
@@ -256,7 +276,8 @@ func checkDevice(d Device) error {
 
 func sameGroup(a, b Group) bool {
 	return slices.Equal(sortedUnique(a.Addresses), sortedUnique(b.Addresses)) &&
-		slices.Equal(sortedUnique(a.DeviceNodes), sortedUnique(b.DeviceNodes))
+		slices.Equal(sortedUnique(a.DeviceNodes), sortedUnique(b.DeviceNodes)) &&
+		maps.Equal(a.Drivers, b.Drivers)
 }
 
 // deviceNodes maps host paths below devRoot to device nodes whose container

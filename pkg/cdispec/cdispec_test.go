@@ -161,6 +161,26 @@ type wantNode struct {
 	major, minor int64
 }
 
+// TestSpecDrivers: a group whose functions went to different VFIO drivers
+// (driver "auto") tells the container which driver each function got.
+func TestSpecDrivers(t *testing.T) {
+	c := legacyClaim("/host/dev")
+	c.Devices[0].Group.Drivers = map[string]string{"0000:3b:00.1": "mlx5_vfio_pci", "0000:3b:00.0": "vfio-pci"}
+	spec, _, err := Spec(driverName, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "VFIO_IOMMU_GROUP_42_DRIVERS=0000:3b:00.0=vfio-pci,0000:3b:00.1=mlx5_vfio_pci"
+	if !slices.Contains(spec.ContainerEdits.Env, want) {
+		t.Errorf("env %v lacks %s", spec.ContainerEdits.Env, want)
+	}
+	for _, e := range spec.ContainerEdits.Env {
+		if strings.HasPrefix(e, "VFIO_IOMMU_GROUP_7_DRIVERS=") {
+			t.Errorf("group 7 names no drivers, but the spec has %s", e)
+		}
+	}
+}
+
 func TestWriteAndInject(t *testing.T) {
 	devRoot := makeDevRoot(t)
 	tests := map[string]struct {
@@ -568,6 +588,16 @@ func TestSpecErrors(t *testing.T) {
 				c.Devices[1].Group.Addresses = append(c.Devices[1].Group.Addresses, "0000:3b:00.0")
 			},
 			want: "differs",
+		},
+		"a bound function without a driver": {
+			edit: func(c *Claim) { c.Devices[0].Group.Drivers = map[string]string{"0000:3b:00.0": "vfio-pci"} },
+			want: "no valid driver",
+		},
+		"a driver that would break the list": {
+			edit: func(c *Claim) {
+				c.Devices[0].Group.Drivers = map[string]string{"0000:3b:00.0": "vfio-pci", "0000:3b:00.1": "a=b"}
+			},
+			want: "no valid driver",
 		},
 		"requests colliding in env names": {
 			edit: func(c *Claim) {

@@ -96,7 +96,8 @@ type Device struct {
 // Group is one IOMMU group whose members the driver bound to Target.
 type Group struct {
 	Number int `json:"number"`
-	// Target is the driver the members were bound to, e.g. "vfio-pci".
+	// Target is the driver the members were bound to, e.g. "vfio-pci",
+	// except those with a Target of their own.
 	Target string `json:"target"`
 	// Restore says whether unprepare gives the members back to their
 	// original drivers.
@@ -113,6 +114,18 @@ type Member struct {
 	Address        string `json:"address"`
 	Driver         string `json:"driver,omitempty"`
 	DriverOverride string `json:"driverOverride,omitempty"`
+	// Target is the driver this member was bound to when it is not the
+	// group's: driver "auto" picks a variant per function. Stored only in
+	// the extras file (see ExtrasKind), never in the checkpoint file.
+	Target string `json:"-"`
+}
+
+// TargetOf returns the driver member m of g was bound to.
+func (g Group) TargetOf(m Member) string {
+	if m.Target != "" {
+		return m.Target
+	}
+	return g.Target
 }
 
 // New returns an empty checkpoint whose Claims map is ready for use.

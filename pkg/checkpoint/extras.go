@@ -34,6 +34,20 @@ type claimExtras struct {
 	State     ClaimState     `json:"state,omitempty"`
 	LastError string         `json:"lastError,omitempty"`
 	Devices   []deviceExtras `json:"devices,omitempty"`
+	// Targets are the Member.Target of the claim's group members that
+	// have one (driver "auto" bound them to another driver than their
+	// group's). An older version, which reads only the group's target,
+	// still gives every member back to its own original driver.
+	Targets []memberTarget `json:"targets,omitempty"`
+}
+
+// memberTarget is Groups[Group].Members[Member].Target of a claim; Address
+// is that member's, so that a claim whose groups changed since gets none.
+type memberTarget struct {
+	Group   int    `json:"group"`
+	Member  int    `json:"member"`
+	Address string `json:"address"`
+	Target  string `json:"target"`
 }
 
 type deviceExtras struct {
@@ -72,7 +86,14 @@ func extrasOf(cp *Checkpoint) map[string]*claimExtras {
 				e.Devices = append(e.Devices, deviceExtras{Device: d.Device, PCIAddress: d.PCIAddress, Attributes: d.Attributes})
 			}
 		}
-		if e.LastError != "" || len(e.Devices) > 0 {
+		for i, g := range c.Groups {
+			for j, m := range g.Members {
+				if m.Target != "" {
+					e.Targets = append(e.Targets, memberTarget{Group: i, Member: j, Address: m.Address, Target: m.Target})
+				}
+			}
+		}
+		if e.LastError != "" || len(e.Devices) > 0 || len(e.Targets) > 0 {
 			out[uid] = e
 		}
 	}
@@ -110,6 +131,18 @@ func (e *extras) apply(cp *Checkpoint) {
 		}
 		if c.LastError == "" && ce.State == c.State {
 			c.LastError = ce.LastError
+		}
+		for _, mt := range ce.Targets {
+			if mt.Group < 0 || mt.Group >= len(c.Groups) || mt.Member < 0 || mt.Member >= len(c.Groups[mt.Group].Members) {
+				continue
+			}
+			// What unprepare gives back comes from the checkpoint file
+			// alone: a target can only be a VFIO driver and never the
+			// member's original driver, so it never keeps a member from
+			// going back, and a repair never binds it to a host driver.
+			if m := &c.Groups[mt.Group].Members[mt.Member]; m.Address == mt.Address && m.Target == "" && vfioTarget(mt.Target) && mt.Target != m.Driver {
+				m.Target = mt.Target
+			}
 		}
 		// The n-th device of a name and address gets the n-th extras of
 		// them (one device can be listed twice, for two requests).
@@ -185,4 +218,13 @@ func decodeExtras(content []byte) (*extras, error) {
 		return nil, fmt.Errorf("%w: data: %w", ErrCorrupt, err)
 	}
 	return e, nil
+}
+
+// vfioTarget reports whether a member's target from the extras file names a
+// VFIO driver as Linux names them: vfio-pci or a variant *_vfio_pci. A
+// variant named otherwise loses its member's target (the member counts as
+// on its group's target), which costs a rebind to vfio-pci, never safety.
+func vfioTarget(name string) bool {
+	n := strings.ReplaceAll(name, "-", "_")
+	return n == "vfio_pci" || (strings.HasSuffix(n, "_vfio_pci") && len(n) <= 64 && !strings.ContainsAny(n, "/. "))
 }

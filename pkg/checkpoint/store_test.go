@@ -321,6 +321,59 @@ func TestDecodeAcceptsOtherLayout(t *testing.T) {
 	}
 }
 
+// TestMemberTarget: a member with a Target of its own (driver "auto") is on
+// it, every other member on its group's, and so is every member of a file
+// written before members had targets. The target goes to the extras file:
+// the previous version reads the checkpoint file, as if the member were on
+// its group's target. An extras file never gives a member a host driver or
+// its own original driver as its target.
+func TestMemberTarget(t *testing.T) {
+	const uid = "0b6f2b4e-9a41-4c3e-8f7e-1d2c3b4a5f60"
+	g := sample().Claims[uid].Groups[0]
+	for _, m := range g.Members {
+		if got := g.TargetOf(m); got != "vfio-pci" {
+			t.Errorf("golden member %s: target %q, want the group's vfio-pci", m.Address, got)
+		}
+	}
+
+	want := sample()
+	want.Claims[uid].Groups[0].Members[1].Target = "mlx5_vfio_pci"
+	s := storeWith(t, nil)
+	if err := s.Update(func(cp *Checkpoint) error {
+		*cp = *want
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(s.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(data, readGolden(t)) {
+		t.Errorf("checkpoint file with a member target is not the golden v1 file:\n%s", data)
+	}
+	got, err := s.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("read back (-want +got):\n%s", diff)
+	}
+	g = got.Claims[uid].Groups[0]
+	if a, b := g.TargetOf(g.Members[0]), g.TargetOf(g.Members[1]); a != "vfio-pci" || b != "mlx5_vfio_pci" {
+		t.Errorf("targets %q and %q, want vfio-pci and mlx5_vfio_pci", a, b)
+	}
+
+	for _, bad := range []string{"ixgbe", "nvme", "../vfio-pci"} {
+		e := &extras{Claims: map[string]*claimExtras{uid: {Targets: []memberTarget{{Group: 0, Member: 1, Address: "0000:3b:00.1", Target: bad}}}}}
+		cp := sample()
+		e.apply(cp)
+		if got := cp.Claims[uid].Groups[0].Members[1].Target; got != "" {
+			t.Errorf("extras target %q applied as %q", bad, got)
+		}
+	}
+}
+
 func TestUpdateErrorWritesNothing(t *testing.T) {
 	errMutate := errors.New("device busy")
 	tests := map[string]struct {

@@ -54,7 +54,7 @@ func TargetsOf(decisions []inventory.Decision, cp *checkpoint.Checkpoint) Target
 					if err != nil {
 						continue
 					}
-					byAddr[a] = Function{Address: a, BoundTo: c.Groups[i].Target}
+					byAddr[a] = Function{Address: a, BoundTo: c.Groups[i].TargetOf(m)}
 					if !slices.Contains(t.Owners[a], dev.Device) {
 						t.Owners[a] = append(t.Owners[a], dev.Device)
 					}

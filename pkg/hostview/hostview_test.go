@@ -275,6 +275,39 @@ func TestHostView(t *testing.T) {
 			want: map[string]string{nic1.Address: "route 192.168.10.0/24 (vmbr0 on ens1f0)", nic2.Address: "address 2001:db8::5 (ens1f1.20 on ens1f1)"},
 		},
 		{
+			// A /32 (or noprefixroute) address adds no route; the
+			// neighbours the host talks to on the interface show it.
+			// A resolution that failed or is under way says nothing.
+			name: "IPv4 address without a route, seen through its neighbours",
+			setup: func(t *testing.T, h *hostviewtest.Host) {
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: nic1.Address}))
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f1", Function: nic2.Address}))
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "vmbr1", Kind: "bridge", Lowers: []string{"ens1f1"}}))
+				must(t, h.AddNeighbour("ens1f0", netip.MustParseAddr("10.20.0.1"), 0x0))
+				must(t, h.AddNeighbour("ens1f0", netip.MustParseAddr("10.20.0.7"), 0x2))
+				must(t, h.AddNeighbour("ens1f0", netip.MustParseAddr("10.20.0.9"), 0x2))
+				must(t, h.AddNeighbour("vmbr1", netip.MustParseAddr("192.0.2.1"), 0x6))
+			},
+			want: map[string]string{nic1.Address: "IPv4 neighbour 10.20.0.7 (ens1f0)", nic2.Address: "IPv4 neighbour 192.0.2.1 (vmbr1 on ens1f1)"},
+		},
+		{
+			name: "failed neighbour resolutions only: not in use",
+			setup: func(t *testing.T, h *hostviewtest.Host) {
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: nic1.Address}))
+				must(t, h.AddNeighbour("ens1f0", netip.MustParseAddr("10.20.0.1"), 0x0))
+			},
+			want: map[string]string{},
+		},
+		{
+			name: "a route's evidence wins over a neighbour's",
+			setup: func(t *testing.T, h *hostviewtest.Host) {
+				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: nic1.Address}))
+				must(t, h.AddNeighbour("ens1f0", netip.MustParseAddr("10.0.0.1"), 0x2))
+				must(t, h.AddRoute("ens1f0", netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseAddr("10.0.0.1")))
+			},
+			want: map[string]string{nic1.Address: "default route (ens1f0)"},
+		},
+		{
 			name: "link-local addresses only: not in use",
 			setup: func(t *testing.T, h *hostviewtest.Host) {
 				must(t, h.AddInterface(hostviewtest.Interface{Name: "ens1f0", Function: nic1.Address}))
@@ -376,6 +409,9 @@ func TestUnreadable(t *testing.T) {
 		{"malformed mountinfo", func(t *testing.T, h *hostviewtest.Host) {
 			must(t, os.WriteFile(filepath.Join(h.Proc, "1", "mountinfo"), []byte("21 1 8:1 / / rw shared:1 ext4 /dev/sda1 rw\n"), 0o644))
 		}, "line 1"},
+		{"malformed neighbour", func(t *testing.T, h *hostviewtest.Host) {
+			must(t, os.WriteFile(filepath.Join(h.Proc, "1", "net", "arp"), []byte("IP address       HW type     Flags       HW address            Mask     Device\n10.0.0.300 0x1 0x2 52:54:00:00:00:01 * ens1f0\n"), 0o644))
+		}, "network neighbours"},
 		{"malformed route", func(t *testing.T, h *hostviewtest.Host) {
 			must(t, os.WriteFile(filepath.Join(h.Proc, "1", "net", "route"), []byte("Iface\tDestination\nens1f0\tzz\t0\t0003\t0\t0\t0\t00000000\n"), 0o644))
 		}, "line 2"},

@@ -31,14 +31,17 @@ const (
 // network namespace, whatever namespace the plugin runs in.
 //
 // IPv4 addresses have no procfs file that names their interface
-// (fib_trie lists addresses without one), so they are seen through the
-// prefix route the kernel adds for each address in the main table
-// (net/route). An IPv4 /32 address or one added with noprefixroute, on an
-// interface that carries no route, is not seen.
+// (fib_trie lists addresses without one; only netlink, in the host's
+// network namespace, does), so they are seen through the prefix route the
+// kernel adds for each address in the main table (net/route) and through
+// the neighbours the host talks to on the interface (net/arp). An IPv4 /32
+// or noprefixroute address on an interface that carries no route of the
+// main table and has no neighbour yet is not seen.
 func (v *view) readNetwork() {
 	v.readIPv4Routes()
 	v.readIPv6Routes()
 	v.readIPv6Addresses()
+	v.readIPv4Neighbours()
 }
 
 func (v *view) readIPv4Routes() {
@@ -149,6 +152,57 @@ func (v *view) readIPv6Addresses() {
 			continue
 		}
 		v.useInterface(f[5], "address "+netip.AddrFrom16([16]byte(raw)).String())
+	}
+}
+
+// arpComplete and arpPermanent are the neighbour flags (linux/if_arp.h) of
+// an entry the host resolved or an administrator set; an entry with
+// neither is one whose resolution failed or is under way.
+const (
+	arpComplete  = 0x2
+	arpPermanent = 0x4
+)
+
+// readIPv4Neighbours marks interfaces on which the host exchanges IPv4
+// traffic with a neighbour. They catch what net/route does not show: an
+// address without a prefix route (a /32, noprefixroute) that neighbours
+// talk to, and an interface that only routes of other tables (policy
+// routing) use. The kernel flushes an interface's entries when its last
+// IPv4 address goes.
+func (v *view) readIPv4Neighbours() {
+	file := v.r.procPath("1/net/arp")
+	data, err := readFile(file, maxTableSize)
+	if errors.Is(err, fs.ErrNotExist) {
+		return // no IPv4
+	}
+	if err != nil {
+		v.fail("network neighbours: %v", err)
+		return
+	}
+	seen := map[string]bool{}
+	lines := strings.Split(string(data), "\n")
+	for i, line := range lines[1:] { // header
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		addr, err1 := netip.ParseAddr(f[0])
+		var flags uint64
+		var err2 error
+		if len(f) >= 6 {
+			flags, err2 = strconv.ParseUint(strings.TrimPrefix(f[2], "0x"), 16, 32)
+		}
+		if len(f) < 6 || err1 != nil || err2 != nil {
+			v.fail("network neighbours: %s line %d: %q is not a neighbour", file, i+2, line)
+			continue
+		}
+		// One look at each interface: a host on a large L2 segment has
+		// thousands of neighbours.
+		if flags&(arpComplete|arpPermanent) == 0 || seen[f[5]] {
+			continue
+		}
+		seen[f[5]] = true
+		v.useInterface(f[5], "IPv4 neighbour "+addr.String())
 	}
 }
 

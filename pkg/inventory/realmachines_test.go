@@ -162,6 +162,39 @@ func TestRealMachines(t *testing.T) {
 				"0000:41:00.0": offer, // Thunderbolt xHCI
 			},
 		},
+		// A Meteor Lake laptop (ThinkBook 14 G7 IML): what a laptop's SoC
+		// and PCH hold stays with the host; the NPU, the GNA, the
+		// Thunderbolt controller, both NVMe, the Wi-Fi and the card
+		// reader are offered.
+		"mtl-laptop": {
+			machine: "mtl-laptop",
+			host:    func(*testing.T) *inventory.HostUse { return &inventory.HostUse{} },
+			want: map[string]string{
+				"0000:00:00.0": hostBr,                                                       // host bridge on igen6_edac
+				"0000:00:02.0": "boot VGA device: the host console",                          // Meteor Lake-P graphics
+				"0000:00:04.0": "platform: processor thermal (proc_thermal_pci)",             // Dynamic Tuning Technology
+				"0000:00:06.0": rootPort, "0000:00:06.2": rootPort, "0000:00:07.0": rootPort, // NVMe and Thunderbolt ports
+				"0000:00:08.0": offer,                                       // GNA, class 0880
+				"0000:00:0a.0": "platform: platform telemetry (intel_vsec)", // PMT
+				"0000:00:0b.0": offer,                                       // NPU
+				"0000:00:0d.0": offer, "0000:00:0d.3": offer,                // Thunderbolt xHCI and NHI, group 9
+				"0000:00:14.0": "IOMMU group 10: member 0000:00:14.2 is not offered (platform: memory controller (class 050000))",
+				"0000:00:14.2": "platform: memory controller (class 050000)", // shared SRAM
+				"0000:00:15.0": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.1": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)",
+				"0000:00:15.2": "platform: LPSS serial controller (I2C, SPI, UART of the SoC) (intel-lpss)", // the touchpad's I2C
+				"0000:00:16.0": "platform: management engine (mei_me)",
+				"0000:00:1c.0": rootPort, "0000:00:1c.6": rootPort,
+				"0000:00:1f.0": isaBr,
+				"0000:00:1f.3": "IOMMU group 15: member 0000:00:1f.0 is not offered (" + isaBr + ")", // HD audio on SOF
+				"0000:00:1f.4": "platform: SMBus controller (class 0c0500)",
+				"0000:00:1f.5": "IOMMU group 15: member 0000:00:1f.0 is not offered (" + isaBr + ")", // SPI, no driver
+				"0000:00:1f.6": "IOMMU group 15: member 0000:00:1f.0 is not offered (" + isaBr + ")", // the I219 Ethernet
+				"0000:01:00.0": offer, "0000:02:00.0": offer,                                         // SN570 and SN550 NVMe
+				"0000:44:00.0": offer, // RTL8852CE Wi-Fi
+				"0000:45:00.0": offer, // SD card reader, class 0805
+			},
+		},
 		// An Atom C3000 storage server, nothing of it in use.
 		"nas": {
 			machine: "nas",

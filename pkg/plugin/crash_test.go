@@ -76,17 +76,20 @@ func (c *crasher) hook(event string) error { return c.step(event) }
 
 // crashNode is a node whose plugin runs behind a crasher, with a claim for
 // three IOMMU groups: the GPU and its audio function, the SmartNIC alone,
-// and two conventional PCI NICs behind a bridge.
+// and two conventional PCI NICs behind a bridge. The claim's driver is
+// "auto", so the GPU goes to its variant and its audio function to
+// vfio-pci: a group whose members have different targets.
 func crashNode(t *testing.T) (*node, *crasher, *resourceapi.ResourceClaim) {
 	t.Helper()
 	_, ctx := ktesting.NewTestContext(t)
 	n := newNode(t)
+	withVariants(t, n)
 	c := &crasher{k: n.kernel, root: n.tree.Root, limit: -1}
 	n.cfg.SysfsWriter, n.cfg.WriteHook = c, c.hook
 	n.start(ctx, t)
 	claim := n.createClaim(ctx, t, "claim", []resourceapi.DeviceRequestAllocationResult{
 		result("gpu", "0000:01:00.0"), result("nic", "0000:82:00.0"), result("legacy", "0000:02:01.0"),
-	})
+	}, autoClass())
 	return n, c, claim
 }
 
@@ -126,6 +129,12 @@ func TestCrashAtEveryPoint(t *testing.T) {
 	c.arm(-1)
 	n.mustPrepare(ctx, t, claim)
 	prepared := n.state(t)
+	if got := prepared["0000:01:00.0"].Driver; got != "nvgrace_gpu_vfio_pci" {
+		t.Fatalf("the recorded run bound the GPU to %q, want its variant", got)
+	}
+	if got := prepared["0000:01:00.1"].Driver; got != "vfio-pci" {
+		t.Fatalf("the recorded run bound the GPU's audio function to %q, want vfio-pci", got)
+	}
 	preparePoints := len(c.events)
 	n.mustUnprepare(ctx, t, claimRef(claim))
 	events := c.disarm()

@@ -3,6 +3,7 @@ package plugin_test
 import (
 	"bytes"
 	"encoding/json"
+	"maps"
 	"os"
 	"regexp"
 	"testing"
@@ -12,8 +13,10 @@ import (
 	"k8s.io/dynamic-resource-allocation/api/metadata"
 	"k8s.io/dynamic-resource-allocation/deviceattribute"
 	"k8s.io/klog/v2/ktesting"
+	"k8s.io/utils/ptr"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/plugin"
+	"github.com/vfio-dra/vfio-dra-driver/pkg/resources"
 )
 
 // kubevirtMetadata is the shape virt-launcher decodes the metadata file into
@@ -149,8 +152,12 @@ func TestMetadataKubeVirtReads(t *testing.T) {
 		if !ok {
 			t.Fatalf("device %s was not published", r.Device)
 		}
-		if diff := cmp.Diff(pub.Attributes, got.Attributes); diff != "" {
-			t.Errorf("request %s: metadata attributes differ from the published ones (-published +metadata):\n%s", r.Request, diff)
+		// Every published attribute, and the driver prepare bound the
+		// device to.
+		want := maps.Clone(pub.Attributes)
+		want[resources.AttrVFIODriver] = resourceapi.DeviceAttribute{StringValue: ptr.To("vfio-pci")}
+		if diff := cmp.Diff(want, got.Attributes); diff != "" {
+			t.Errorf("request %s: metadata attributes differ from the published ones and vfioDriver (-want +metadata):\n%s", r.Request, diff)
 		}
 	}
 

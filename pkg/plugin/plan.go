@@ -97,10 +97,6 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		}
 
 		cfg := effectiveConfig(configs, r.Request)
-		target, err := d.target(cfg, addr)
-		if err != nil {
-			return nil, fmt.Errorf("device %s: %w", r.Device, err)
-		}
 		// Checked before any binding: nothing on the host moves for a
 		// claim that cannot get its device nodes.
 		if cfg.IOMMUFD != nil && *cfg.IOMMUFD {
@@ -114,22 +110,30 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 			if err != nil {
 				return nil, fmt.Errorf("device %s: %w", r.Device, err)
 			}
+			targets, err := d.targets(cfg, endpoints)
+			if err != nil {
+				return nil, fmt.Errorf("device %s: %w", r.Device, err)
+			}
 			snap, err := d.binder.Snapshot(endpoints)
 			if err != nil {
 				return nil, fmt.Errorf("device %s: %w", r.Device, err)
 			}
 			g := checkpoint.Group{
 				Number:  group,
-				Target:  target,
+				Target:  groupTarget(targets),
 				Restore: cfg.RestoreDriver == nil || *cfg.RestoreDriver,
 				IOMMUFD: cfg.IOMMUFD != nil && *cfg.IOMMUFD,
 			}
-			for _, o := range snap {
-				g.Members = append(g.Members, checkpoint.Member(o))
+			for j, o := range snap {
+				m := checkpoint.Member(o)
+				if targets[j] != g.Target {
+					m.Target = targets[j]
+				}
+				g.Members = append(g.Members, m)
 			}
 			p.Groups = append(p.Groups, g)
-		} else if p.Groups[i].Target != target {
-			return nil, fmt.Errorf("device %s: IOMMU group %d would be bound to both %s and %s", r.Device, group, p.Groups[i].Target, target)
+		} else if err := d.sameTargets(cfg, p.Groups[i]); err != nil {
+			return nil, fmt.Errorf("device %s: %w", r.Device, err)
 		}
 		p.Devices = append(p.Devices, checkpoint.Device{
 			Requests: []string{r.Request}, Pool: r.Pool, Device: r.Device, PCIAddress: addr.String(), IOMMUGroup: group,
@@ -139,23 +143,71 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 	return p, nil
 }
 
-// target resolves the configured driver for one function.
-func (d *Driver) target(cfg v1alpha1.VfioConfig, addr pci.Address) (string, error) {
+// targets resolves the configured driver for each of an IOMMU group's
+// functions, in the order of members.
+func (d *Driver) targets(cfg v1alpha1.VfioConfig, members []pci.Address) ([]string, error) {
+	out := make([]string, len(members))
 	switch cfg.Driver {
 	case "", v1alpha1.DriverVfioPCI:
-		return v1alpha1.DriverVfioPCI, nil
+		for i := range out {
+			out[i] = v1alpha1.DriverVfioPCI
+		}
 	case v1alpha1.DriverAuto:
 		if d.cfg.ModulesAlias == "" {
-			return "", fmt.Errorf(`driver "auto" needs the kernel's modules.alias, and none is configured`)
+			return nil, fmt.Errorf(`driver "auto" needs the kernel's modules.alias, and none is configured`)
 		}
-		variant, err := vfio.VariantDriver(d.fs, addr, d.cfg.ModulesAlias)
-		if err != nil || variant != "" {
-			return variant, err
+		// Per function: a variant that serves only VFs, or only a GPU,
+		// is never forced onto the PF or the GPU's audio function.
+		byAddr, err := vfio.MemberTargets(d.fs, members, d.cfg.ModulesAlias)
+		if err != nil {
+			return nil, err
 		}
-		return v1alpha1.DriverVfioPCI, nil
+		for i, a := range members {
+			out[i] = byAddr[a]
+		}
 	default:
-		return cfg.Driver, nil
+		// Before anything moves: never a host driver.
+		if err := vfio.CheckDriver(cfg.Driver, d.cfg.ModulesAlias); err != nil {
+			return nil, err
+		}
+		for i := range out {
+			out[i] = cfg.Driver
+		}
 	}
+	return out, nil
+}
+
+// groupTarget is the checkpointed Group.Target for members' targets:
+// vfio-pci when any member gets it, so that only the members on a variant
+// carry a Target of their own.
+func groupTarget(targets []string) string {
+	if len(targets) == 0 || slices.Contains(targets, v1alpha1.DriverVfioPCI) {
+		return v1alpha1.DriverVfioPCI
+	}
+	return targets[0]
+}
+
+// sameTargets fails when cfg, the configuration of a second device of the
+// planned group g, would bind one of g's members to another driver.
+func (d *Driver) sameTargets(cfg v1alpha1.VfioConfig, g checkpoint.Group) error {
+	members := make([]pci.Address, len(g.Members))
+	for i, m := range g.Members {
+		a, err := pci.ParseAddress(m.Address)
+		if err != nil {
+			return err
+		}
+		members[i] = a
+	}
+	targets, err := d.targets(cfg, members)
+	if err != nil {
+		return err
+	}
+	for i, m := range g.Members {
+		if t := g.TargetOf(m); t != targets[i] {
+			return fmt.Errorf("IOMMU group %d would be bound to both %s and %s (PCI function %s)", g.Number, t, targets[i], m.Address)
+		}
+	}
+	return nil
 }
 
 // holderOf names another claim in the checkpoint that holds one of the

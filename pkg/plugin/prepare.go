@@ -236,9 +236,10 @@ func (d *Driver) writeSpec(uid string, p *checkpoint.Claim) ([]checkpoint.Device
 	needLegacy, needIOMMUFD := false, false
 	byGroup := map[int]cdispec.Group{}
 	for _, g := range p.Groups {
-		cg := cdispec.Group{Number: g.Number}
+		cg := cdispec.Group{Number: g.Number, Drivers: map[string]string{}}
 		for _, m := range g.Members {
 			cg.Addresses = append(cg.Addresses, m.Address)
+			cg.Drivers[m.Address] = g.TargetOf(m)
 		}
 		if g.IOMMUFD {
 			needIOMMUFD = true
@@ -304,7 +305,7 @@ func (d *Driver) intact(c *checkpoint.Claim) (bool, error) {
 			if err != nil {
 				return false, fmt.Errorf("PCI device %s: %w", addr, err)
 			}
-			if drv != g.Target {
+			if drv != g.TargetOf(m) {
 				return false, nil
 			}
 		}
@@ -326,17 +327,18 @@ func (d *Driver) completed(ctx context.Context, uid string, c *checkpoint.Claim)
 	for _, dev := range c.Devices {
 		out = append(out, kubeletplugin.Device{
 			Requests: dev.Requests, PoolName: dev.Pool, DeviceName: dev.Device, CDIDeviceIDs: dev.CDIDeviceIDs,
-			Metadata: &kubeletplugin.DeviceMetadata{Attributes: metadataAttributes(dev)},
+			Metadata: &kubeletplugin.DeviceMetadata{Attributes: metadataAttributes(dev, vfioDriverOf(c, dev.PCIAddress))},
 		})
 	}
 	return out, nil
 }
 
 // metadataAttributes are the KEP-5304 metadata attributes of a prepared
-// device: every attribute it was published with. Claims checkpointed before
-// attributes were recorded get the two KubeVirt needs.
-func metadataAttributes(dev checkpoint.Device) map[string]resourceapi.DeviceAttribute {
-	out := make(map[string]resourceapi.DeviceAttribute, max(len(dev.Attributes), 2))
+// device: every attribute it was published with, and the VFIO driver it was
+// bound to (driver "auto" picks one per function). Claims checkpointed
+// before attributes were recorded get the two KubeVirt needs.
+func metadataAttributes(dev checkpoint.Device, vfioDriver string) map[string]resourceapi.DeviceAttribute {
+	out := make(map[string]resourceapi.DeviceAttribute, max(len(dev.Attributes), 2)+1)
 	for k, v := range dev.Attributes {
 		out[string(k)] = v
 	}
@@ -344,7 +346,22 @@ func metadataAttributes(dev checkpoint.Device) map[string]resourceapi.DeviceAttr
 		out[string(deviceattribute.StandardDeviceAttributePCIBusID)] = resourceapi.DeviceAttribute{StringValue: ptr.To(dev.PCIAddress)}
 		out[string(resources.AttrIOMMUGroup)] = resourceapi.DeviceAttribute{IntValue: ptr.To(int64(dev.IOMMUGroup))}
 	}
+	if vfioDriver != "" {
+		out[string(resources.AttrVFIODriver)] = resourceapi.DeviceAttribute{StringValue: ptr.To(vfioDriver)}
+	}
 	return out
+}
+
+// vfioDriverOf returns the driver the claim bound the function at addr to.
+func vfioDriverOf(c *checkpoint.Claim, addr string) string {
+	for _, g := range c.Groups {
+		for _, m := range g.Members {
+			if m.Address == addr {
+				return g.TargetOf(m)
+			}
+		}
+	}
+	return ""
 }
 
 // deviceOf names the allocated device for a PCI address of the claim: the
@@ -451,7 +468,7 @@ func claimFields(c *checkpoint.Claim) []any {
 			if from == "" {
 				from = "none"
 			}
-			drivers = append(drivers, m.Address+" "+from+"->"+g.Target)
+			drivers = append(drivers, m.Address+" "+from+"->"+g.TargetOf(m))
 		}
 	}
 	return []any{"devices", devices, "iommuGroups", groups, "drivers", drivers}

@@ -417,6 +417,13 @@ func TestPrepareFailureChangesNothing(t *testing.T) {
 			noWrites: true,
 		},
 		{
+			name:     "host driver configured",
+			results:  []resourceapi.DeviceRequestAllocationResult{result("nic", smartNIC)},
+			config:   []resourceapi.DeviceAllocationConfiguration{opaque(fromClass, vfioConfig(`"driver": "nfp"`))},
+			wantErr:  []string{"pci-0000-82-00-0", `driver "nfp"`, vfio.ErrNotVFIODriver.Error()},
+			noWrites: true,
+		},
+		{
 			name: "function mounted since the last scan",
 			setup: func(t *testing.T, n *node) {
 				must(t, n.host.AddDisk(hostviewtest.Disk{Name: "nvme0n1", Function: nvme, Under: "nvme/nvme0", Major: 259, Minor: 0, Partitions: 1}))

@@ -32,6 +32,9 @@ const (
 	AttrDriver            resourceapi.QualifiedName = "driver"
 	AttrSRIOVPhysFn       resourceapi.QualifiedName = "sriovPhysFn"
 	AttrSRIOVTotalVFs     resourceapi.QualifiedName = "sriovTotalVFs"
+	// AttrVFIODriver is not published: prepare adds it to a device's
+	// metadata, naming the VFIO driver the device was bound to.
+	AttrVFIODriver resourceapi.QualifiedName = "vfioDriver"
 )
 
 // Limits of the resource.k8s.io/v1 API that shape the slices.

@@ -116,6 +116,20 @@ type Original struct {
 	Driver string `json:"driver,omitempty"`
 	// DriverOverride is the content of driver_override; "" means unset.
 	DriverOverride string `json:"driverOverride,omitempty"`
+	// Target, when set, is the VFIO driver this function goes to instead
+	// of the one Bind and Restore are given for the group: driver "auto"
+	// picks a variant per function, so a group can hold a VF on its
+	// variant next to its PF on vfio-pci. Not what the function had, but
+	// checkpointed with it.
+	Target string `json:"target,omitempty"`
+}
+
+// TargetOr returns the function's own Target, or def, the group's.
+func (o Original) TargetOr(def string) string {
+	if o.Target != "" {
+		return o.Target
+	}
+	return def
 }
 
 // Options tune a Binder; zero values select the defaults.
@@ -236,11 +250,12 @@ func (b *Binder) Snapshot(addrs []pci.Address) ([]Original, error) {
 }
 
 // Bind moves every function in originals to target ("vfio-pci" or a variant
-// such as "mlx5_vfio_pci"): it writes target to driver_override, the address
-// to the current driver's unbind file (then waits until the driver link is
-// gone) and the address to bus/pci/drivers_probe, then waits until the
-// driver link names target. Functions already on target get no write. At
-// the end it waits for <devRoot>/vfio/<group>.
+// such as "mlx5_vfio_pci"), or to its own Original.Target where set: it
+// writes target to driver_override, the address to the current driver's
+// unbind file (then waits until the driver link is gone) and the address to
+// bus/pci/drivers_probe, then waits until the driver link names target.
+// Functions already on target get no write. At the end it waits for
+// <devRoot>/vfio/<group>.
 //
 // Nothing is written when target is not loaded, a function is not in group,
 // or the group could not be used afterwards: the kernel refuses user space a
@@ -268,9 +283,11 @@ func (b *Binder) BindFor(ctx context.Context, group int, originals []Original, t
 	if err != nil {
 		return err
 	}
-	if !b.fs.DriverLoaded(target) {
-		return &StepError{Step: StepCheckDriver, Err: fmt.Errorf("%s: %w: %s does not exist",
-			target, ErrDriverNotLoaded, b.fs.Path(pci.BusDriversDir, target))}
+	for _, o := range originals {
+		if t := o.TargetOr(target); !b.fs.DriverLoaded(t) {
+			return &StepError{Step: StepCheckDriver, Err: fmt.Errorf("%s: %w: %s does not exist",
+				t, ErrDriverNotLoaded, b.fs.Path(pci.BusDriversDir, t))}
+		}
 	}
 	for _, a := range addrs {
 		if err := b.checkGroup(a, group); err != nil {
@@ -303,14 +320,15 @@ func (b *Binder) BindFor(ctx context.Context, group int, originals []Original, t
 		if err != nil {
 			return fail(&StepError{Address: a.String(), Step: StepReadState, Err: err})
 		}
-		if st.driver == target {
+		t := originals[i].TargetOr(target)
+		if st.driver == t {
 			continue
 		}
 		if err := context.Cause(ctx); err != nil {
 			return fail(&StepError{Address: a.String(), Step: StepSetOverride, Err: err})
 		}
 		changed = append(changed, i)
-		if err := b.moveTo(ctx, a, st, target); err != nil {
+		if err := b.moveTo(ctx, a, st, t); err != nil {
 			return fail(err)
 		}
 	}
@@ -378,7 +396,8 @@ func (b *Binder) Restore(ctx context.Context, originals []Original, target strin
 }
 
 // RestoreReport gives functions back. Functions whose Original.Driver is
-// target were on target before Bind and stay there. For every other
+// their target (Original.TargetOr(target)) were on it before Bind and stay
+// there. For every other
 // function with an original driver D it writes D to driver_override (so
 // that the probe can only pick D, whatever other drivers match, and a VF
 // is probed even when its PF has sriov_drivers_autoprobe=0), unbinds the
@@ -405,7 +424,7 @@ func (b *Binder) Restore(ctx context.Context, originals []Original, target strin
 func (b *Binder) RestoreReport(ctx context.Context, originals []Original, target string) (gone []string, err error) {
 	var errs []error
 	for _, o := range originals {
-		if o.Driver == target {
+		if o.Driver == o.TargetOr(target) {
 			continue
 		}
 		a, err := pci.ParseAddress(o.Address)

@@ -1561,3 +1561,70 @@ func TestBindAsync(t *testing.T) {
 		t.Errorf("kernel errors %v, want the one EBUSY", errs)
 	}
 }
+
+// TestBindPerMemberTarget: a function with a Target of its own goes to that
+// driver, its group-mates to the group's target; Restore gives each back
+// from the driver it is on, and a function that was on its own target
+// before stays there.
+func TestBindPerMemberTarget(t *testing.T) {
+	m := newMachine(t)
+	if err := m.tree.AddDriver("nvgrace_gpu_vfio_pci"); err != nil {
+		t.Fatal(err)
+	}
+	b := m.binder(nil, 5*time.Second)
+	before := m.state(t, gpu, gpuAudio)
+	originals := m.state(t, gpu, gpuAudio)
+	originals[0].Target = "nvgrace_gpu_vfio_pci"
+	if err := b.Bind(t.Context(), 2, originals, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	got := m.state(t, gpu, gpuAudio)
+	if got[0].Driver != "nvgrace_gpu_vfio_pci" || got[1].Driver != "vfio-pci" {
+		t.Fatalf("bound GPU to %q and audio to %q, want nvgrace_gpu_vfio_pci and vfio-pci", got[0].Driver, got[1].Driver)
+	}
+	if !isCharDevice(t, m.groupNode(2)) {
+		t.Error("no group node after Bind")
+	}
+	// Bind again: both are on their targets already, nothing is written.
+	writes := len(m.kernel.Writes())
+	if err := b.Bind(t.Context(), 2, originals, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	if w := m.kernel.Writes()[writes:]; len(w) > 0 {
+		t.Errorf("second Bind wrote %v", w)
+	}
+	if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(before, m.state(t, gpu, gpuAudio)); diff != "" {
+		t.Errorf("after Restore (-before +after):\n%s", diff)
+	}
+
+	// A per-member target that is not loaded fails before any write.
+	originals[1].Target = "pds_vfio_pci"
+	writes = len(m.kernel.Writes())
+	err := b.Bind(t.Context(), 2, originals, "vfio-pci")
+	if !errors.Is(err, vfio.ErrDriverNotLoaded) || !strings.Contains(err.Error(), "pds_vfio_pci") {
+		t.Errorf("Bind with an unloaded member target: %v, want ErrDriverNotLoaded naming pds_vfio_pci", err)
+	}
+	if w := m.kernel.Writes()[writes:]; len(w) > 0 {
+		t.Errorf("refused Bind wrote %v", w)
+	}
+
+	// A function that was on its own target before Bind stays there.
+	if err := m.tree.Unbind(bareNIC); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.tree.Bind(bareNIC, "mlx5_vfio_pci"); err != nil {
+		t.Fatal(err)
+	}
+	on := m.state(t, bareNIC)
+	on[0].Target = "mlx5_vfio_pci"
+	writes = len(m.kernel.Writes())
+	if err := b.Restore(t.Context(), on, "vfio-pci"); err != nil {
+		t.Fatal(err)
+	}
+	if w := m.kernel.Writes()[writes:]; len(w) > 0 {
+		t.Errorf("Restore of a function that was on its target wrote %v", w)
+	}
+}

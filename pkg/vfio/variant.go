@@ -2,6 +2,7 @@ package vfio
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path"
@@ -86,4 +87,56 @@ func MemberTargets(fs *pci.FS, members []pci.Address, modulesAlias string) (map[
 		out[a] = variant
 	}
 	return out, nil
+}
+
+// ErrNotVFIODriver means a configured driver is not vfio-pci or a vfio
+// variant driver: binding a group to it would hand the devices back to the
+// host instead of to VFIO.
+var ErrNotVFIODriver = errors.New("not a VFIO driver")
+
+// CheckDriver accepts name, the driver a DeviceClass configures, only when
+// it is vfio-pci or a vfio variant driver, never a host driver: a name
+// ending in _vfio_pci (every variant in Linux: mlx5_vfio_pci,
+// hisi_acc_vfio_pci, pds_vfio_pci, virtio_vfio_pci, nvgrace_gpu_vfio_pci,
+// qat_vfio_pci), or one that a line of modulesAlias (the
+// running kernel's modules.alias; "" for none) maps to a module named
+// *vfio*pci*, or that is such a module itself. Dashes and underscores are
+// the same, as in module names.
+func CheckDriver(name, modulesAlias string) error {
+	norm := moduleName(name)
+	if norm == "vfio_pci" || strings.HasSuffix(norm, "_vfio_pci") {
+		return nil
+	}
+	why := "its name does not end in _vfio_pci and no modules.alias is configured"
+	if modulesAlias != "" {
+		f, err := os.Open(modulesAlias)
+		if err != nil {
+			return fmt.Errorf("check driver %s: %w", name, err)
+		}
+		defer f.Close() //nolint:errcheck // opened read-only
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) != 3 || fields[0] != "alias" {
+				continue
+			}
+			module := moduleName(fields[2])
+			if ok, _ := path.Match("*vfio*pci*", module); !ok {
+				continue
+			}
+			if module == norm || moduleName(fields[1]) == norm {
+				return nil
+			}
+		}
+		if err := sc.Err(); err != nil {
+			return fmt.Errorf("check driver %s: read %s: %w", name, modulesAlias, err)
+		}
+		why = fmt.Sprintf("its name does not end in _vfio_pci and %s maps it to no *vfio*pci* module", modulesAlias)
+	}
+	return fmt.Errorf("driver %q: %w: %s; a host driver would take the devices back from VFIO", name, ErrNotVFIODriver, why)
+}
+
+// moduleName is a module or driver name as modprobe compares them.
+func moduleName(s string) string {
+	return strings.ReplaceAll(s, "-", "_")
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci"
@@ -97,5 +98,54 @@ func TestMemberTargets(t *testing.T) {
 	}
 	if _, err := vfio.MemberTargets(fs, []pci.Address{addr("0000:09:00.0")}, alias); err == nil {
 		t.Error("a member that does not exist: no error")
+	}
+}
+
+// TestCheckDriver: only vfio-pci and vfio variant drivers are accepted as a
+// configured driver, never a host driver, whatever modules.alias says about
+// the host driver's own devices.
+func TestCheckDriver(t *testing.T) {
+	alias := filepath.Join(t.TempDir(), "modules.alias")
+	content := modulesAlias + `alias pci:v00008086d00000953sv*sd*bc*sc*i* nvme
+alias pci:v*d*sv*sd*bc*sc*i* pci_stub
+alias acme-passthrough acme_vfio_pci
+alias vfio_pci:v00001D0Fd00007064sv*sd*bc*sc*i* vfio_pci_acme
+`
+	if err := os.WriteFile(alias, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, alias string
+		ok          bool
+	}{
+		{name: "vfio-pci", ok: true},
+		{name: "mlx5_vfio_pci", ok: true},
+		{name: "hisi-acc-vfio-pci", ok: true},
+		{name: "nvgrace_gpu_vfio_pci", alias: alias, ok: true},
+		// modules.alias maps the name to a *vfio*pci* module.
+		{name: "acme-passthrough", alias: alias, ok: true},
+		// The name is a *vfio*pci* module that modules.alias lists.
+		{name: "vfio_pci_acme", alias: alias, ok: true},
+		{name: "vfio_pci_acme"}, // without modules.alias, the name alone does not say
+		{name: "acme-passthrough"},
+		{name: "nvme", alias: alias},
+		{name: "mlx5_core", alias: alias},
+		{name: "pci-stub", alias: alias},
+		{name: "snd_hda_intel"},
+		{name: "vfio_pci_core", alias: alias}, // a library, listed by no alias
+	}
+	for _, tt := range tests {
+		err := vfio.CheckDriver(tt.name, tt.alias)
+		switch {
+		case tt.ok && err != nil:
+			t.Errorf("CheckDriver(%q, %q) = %v, want accepted", tt.name, tt.alias, err)
+		case !tt.ok && !errors.Is(err, vfio.ErrNotVFIODriver):
+			t.Errorf("CheckDriver(%q, %q) = %v, want ErrNotVFIODriver", tt.name, tt.alias, err)
+		case !tt.ok && !strings.Contains(err.Error(), tt.name):
+			t.Errorf("CheckDriver(%q): error %q does not name the driver", tt.name, err)
+		}
+	}
+	if err := vfio.CheckDriver("acme", filepath.Join(t.TempDir(), "missing")); err == nil || errors.Is(err, vfio.ErrNotVFIODriver) {
+		t.Errorf("unreadable modules.alias: %v, want the read error", err)
 	}
 }

@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	resourceapi "k8s.io/api/resource/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vfio-dra/vfio-dra-driver/pkg/pci/pcitest"
@@ -125,4 +127,76 @@ func TestSchedulerHonoursHealthTaints(t *testing.T) {
 		t.Errorf("pod bound to node %q, want %q", pod.Spec.NodeName, node.Name)
 	}
 	checkAllocatedDevice(t, waitForReservedClaim(ctx, t, client, pod, "nic"), node.Name, "nic", nicAddr)
+}
+
+// TestGoneDeviceEvictsPod: a prepared function that disappears from the
+// bus is published with the driver's vfio.dra.dev/gone NoExecute taint,
+// and the real device taint eviction controller evicts the pod that uses
+// it; the claim is unprepared afterwards as the kubelet would.
+func TestGoneDeviceEvictsPod(t *testing.T) {
+	ctx := t.Context()
+	cp := framework.StartControlPlane(t, framework.Options{
+		Controllers: append(slices.Clone(framework.DefaultControllers), "device-taint-eviction-controller"),
+	})
+	client := cp.Client
+	node, err := framework.StartNode(ctx, cp, framework.NodeOptions{
+		Name:       "node-1",
+		ConfigFile: filepath.Join(repoRoot(t), "demo", "config.yaml"),
+		PluginArgs: []string{"--rescan-interval=1s", "--health-interval=1s"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := framework.WaitForPool(ctx, client, node.Name, publishTimeout); err != nil {
+		t.Fatal(err)
+	}
+	ns, err := framework.CreateNamespace(ctx, client, "gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	class := applyDeviceClass(ctx, t, cp)
+	claim := &resourceapi.ResourceClaim{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "nic"},
+		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
+			Requests: []resourceapi.DeviceRequest{celRequest("nic", class, pciBusID(nicAddr))},
+		}},
+	}
+	if _, err := client.ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.CoreV1().Pods(ns).Create(ctx, framework.NewPod(ns, "vm", "nic"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	pod, err := framework.WaitForPodScheduled(ctx, client, ns, "vm", schedulingTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	claim = waitForReservedClaim(ctx, t, client, pod, "nic")
+	if _, err := node.Prepare(ctx, framework.ClaimRef(claim)); err != nil {
+		t.Fatal(err)
+	}
+
+	// The SmartNIC is hot-unplugged while the pod uses it.
+	if err := pcitest.Open(node.SysfsRoot).Remove(nicAddr); err != nil {
+		t.Fatal(err)
+	}
+	device := mustParseAddress(t, nicAddr).DeviceName()
+	waitForTaints(ctx, t, cp, node.Name, device, []resourceapi.DeviceTaint{{Key: driverName + "/gone", Effect: resourceapi.DeviceTaintEffectNoExecute}})
+	err = framework.Poll(ctx, schedulingTimeout, "pod evicted", func(ctx context.Context) (bool, string, error) {
+		p, err := client.CoreV1().Pods(ns).Get(ctx, "vm", metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, "deleted", nil
+		}
+		if err != nil {
+			return false, "", err
+		}
+		return p.DeletionTimestamp != nil, fmt.Sprintf("deletionTimestamp %v, conditions %v", p.DeletionTimestamp, p.Status.Conditions), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Unprepare(ctx, framework.ClaimRef(claim)); err != nil {
+		t.Fatal(err)
+	}
+	checkNoSpec(t, node, string(claim.UID))
 }

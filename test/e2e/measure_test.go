@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -463,6 +464,8 @@ const (
 	// busyVF busy (every unbind from iavf fails).
 	goodVF = "0000:11:00.0"
 	busyVF = "0000:11:00.1"
+	// offBusVF falls off the bus for a moment.
+	offBusVF = "0000:11:00.2"
 )
 
 // checkPluginMetrics scrapes the plugin of the 8-VF node while it prepares
@@ -555,14 +558,56 @@ func checkPluginMetrics(ctx context.Context, t *testing.T, cp *framework.Control
 	}
 	expect(f, "", "vfio_dra_functions", nil, float64(len(functions)))
 
-	// Health and taints are what the published slices hold.
-	slices, err := framework.ListNodeSlices(ctx, client, m.node.Name)
+	// Health and taints are what the published slices hold: all healthy,
+	// then a VF whose config space reads all ones (off the bus), then that
+	// VF answering again.
+	checkHealthMetrics(ctx, t, cp, m, "all healthy", 0)
+	tree := pcitest.Open(m.node.SysfsRoot)
+	dir, err := tree.DevicePath(offBusVF)
 	if err != nil {
 		t.Fatal(err)
 	}
+	config, err := os.ReadFile(filepath.Join(m.node.SysfsRoot, dir, "config"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tree.WriteDeviceFile(offBusVF, "config", strings.Repeat("\xff", len(config))); err != nil {
+		t.Fatal(err)
+	}
+	device := mustParseAddress(t, offBusVF).DeviceName()
+	waitForTaints(ctx, t, cp, m.node.Name, device, []resourceapi.DeviceTaint{
+		{Key: driverName + "/unhealthy", Value: "off-bus", Effect: resourceapi.DeviceTaintEffectNoSchedule},
+	})
+	if got := checkHealthMetrics(ctx, t, cp, m, offBusVF+" off the bus", 1); !slices.Equal(got, []string{device}) {
+		t.Errorf("vfio_dra_device_unhealthy names %v, want %s", got, device)
+	}
+	if err := tree.WriteDeviceFile(offBusVF, "config", string(config)); err != nil {
+		t.Fatal(err)
+	}
+	waitForTaints(ctx, t, cp, m.node.Name, device, nil)
+	checkHealthMetrics(ctx, t, cp, m, offBusVF+" back", 0)
+
+	// The process's own figures are there and agree with /proc.
+	if got, ok := f.value("process_resident_memory_bytes", nil); !ok || got < float64(rss(t, m.node.Plugin))/2 || got > 2*float64(rss(t, m.node.Plugin)) {
+		t.Errorf("process_resident_memory_bytes = %v (present %v), /proc says %d", got, ok, rss(t, m.node.Plugin))
+	}
+	t.Logf("metrics of %s after the prepares: %d families, %v binds timed", m.node.Name, len(f), binds)
+}
+
+// checkHealthMetrics checks the health gauges and the taint gauge of the
+// plugin against the node's published slices (the plugin records a check's
+// verdict before the slices it publishes reach the API server), with
+// wantUnhealthy unhealthy devices. It returns the unhealthy devices.
+func checkHealthMetrics(ctx context.Context, t *testing.T, cp *framework.ControlPlane, m *measuredNode, when string, wantUnhealthy int) []string {
+	t.Helper()
+	items, err := framework.ListNodeSlices(ctx, cp.Client, m.node.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := pluginMetrics(ctx, t, m)
 	devices := 0
 	taints := map[[2]string]float64{}
-	for _, s := range slices {
+	for _, s := range items {
 		devices += len(s.Spec.Devices)
 		for _, d := range s.Spec.Devices {
 			for _, tn := range d.Taints {
@@ -570,11 +615,24 @@ func checkPluginMetrics(ctx context.Context, t *testing.T, cp *framework.Control
 			}
 		}
 	}
-	expect(f, "", "vfio_dra_devices", nil, float64(devices))
-	unhealthy, _ := f.value("vfio_dra_devices", map[string]string{"health": "unhealthy"})
-	unhealthyDevices, _ := f.value("vfio_dra_device_unhealthy", nil)
-	if unhealthy != unhealthyDevices {
-		t.Errorf("vfio_dra_devices{health=unhealthy} = %v, but %v devices in vfio_dra_device_unhealthy", unhealthy, unhealthyDevices)
+	if got, ok := f.value("vfio_dra_devices", nil); got != float64(devices) {
+		t.Errorf("%s: vfio_dra_devices sums to %v (present %v), the slices hold %d devices", when, got, ok, devices)
+	}
+	if got, _ := f.value("vfio_dra_devices", map[string]string{"health": "unhealthy"}); got != float64(wantUnhealthy) {
+		t.Errorf("%s: vfio_dra_devices{health=unhealthy} = %v, want %d", when, got, wantUnhealthy)
+	}
+	var unhealthy []string
+	if fam, ok := f["vfio_dra_device_unhealthy"]; ok {
+		for _, mt := range fam.Metric {
+			for _, l := range mt.Label {
+				if l.GetName() == "device" && mt.Gauge.GetValue() == 1 {
+					unhealthy = append(unhealthy, l.GetValue())
+				}
+			}
+		}
+	}
+	if len(unhealthy) != wantUnhealthy {
+		t.Errorf("%s: vfio_dra_device_unhealthy names %v, want %d devices", when, unhealthy, wantUnhealthy)
 	}
 	scraped := map[[2]string]float64{}
 	if fam, ok := f["vfio_dra_device_taints"]; ok {
@@ -592,14 +650,10 @@ func checkPluginMetrics(ctx context.Context, t *testing.T, cp *framework.Control
 		}
 	}
 	if fmt.Sprint(scraped) != fmt.Sprint(taints) {
-		t.Errorf("vfio_dra_device_taints = %v, the slices hold %v", scraped, taints)
+		t.Errorf("%s: vfio_dra_device_taints = %v, the slices hold %v", when, scraped, taints)
 	}
-
-	// The process's own figures are there and agree with /proc.
-	if got, ok := f.value("process_resident_memory_bytes", nil); !ok || got < float64(rss(t, m.node.Plugin))/2 || got > 2*float64(rss(t, m.node.Plugin)) {
-		t.Errorf("process_resident_memory_bytes = %v (present %v), /proc says %d", got, ok, rss(t, m.node.Plugin))
-	}
-	t.Logf("metrics of %s after the prepares: %d families, taints %v, %v unhealthy devices, %v binds timed", m.node.Name, len(f), taints, unhealthy, binds)
+	t.Logf("health metrics, %s: %d devices, unhealthy %v, taints %v", when, devices, unhealthy, scraped)
+	return unhealthy
 }
 
 // checkRestartWritesNothing restarts the plugin with nothing changed: the

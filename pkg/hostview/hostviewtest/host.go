@@ -28,6 +28,7 @@ type Host struct {
 	routes      []string
 	routes6     []string
 	addrs6      []string
+	neighbours  []string
 }
 
 // New lays out PID 1 (systemd) and 2 (kthreadd) in procRoot with empty tables and the
@@ -479,6 +480,19 @@ func (h *Host) AddAddress6(iface string, addr netip.Prefix) error {
 	return h.writeTables()
 }
 
+// AddNeighbour adds an IPv4 neighbour on iface to net/arp, with the
+// kernel's flags: 0x2 resolved, 0x4 permanent, 0x0 a resolution under way
+// or failed.
+func (h *Host) AddNeighbour(iface string, addr netip.Addr, flags int) error {
+	mac := "00:00:00:00:00:00"
+	if flags != 0 {
+		b := addr.As4()
+		mac = fmt.Sprintf("52:54:00:%02x:%02x:%02x", b[1], b[2], b[3])
+	}
+	h.neighbours = append(h.neighbours, fmt.Sprintf("%-16s 0x%-10x0x%-10x%-17s     %-8s %s", addr, 1, flags, mac, "*", iface))
+	return h.writeTables()
+}
+
 // writeTables writes PID 1's mountinfo and network tables and swaps.
 func (h *Host) writeTables() error {
 	lines := func(header string, l []string) []byte {
@@ -494,6 +508,7 @@ func (h *Host) writeTables() error {
 		"1/net/route":      lines("Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n", h.routes),
 		"1/net/ipv6_route": lines("", h.routes6),
 		"1/net/if_inet6":   lines("", h.addrs6),
+		"1/net/arp":        lines("IP address       HW type     Flags       HW address            Mask     Device\n", h.neighbours),
 	} {
 		if err := os.WriteFile(filepath.Join(h.Proc, filepath.FromSlash(file)), data, 0o444); err != nil {
 			return err
