@@ -27,19 +27,14 @@ const (
 )
 
 // readNetwork marks the functions below every interface that the host's
-// routes or IPv6 addresses use. The files of PID 1 are those of the host's
-// network namespace, whatever namespace the plugin runs in.
-//
-// IPv4 addresses have no procfs file that names their interface
-// (fib_trie lists addresses without one; only netlink, in the host's
-// network namespace, does), so they are seen through the prefix route the
-// kernel adds for each address in the main table (net/route) and through
-// the neighbours the host talks to on the interface (net/arp). An IPv4 /32
-// or noprefixroute address on an interface that carries no route of the
-// main table and has no neighbour yet is not seen.
+// routes, addresses or neighbours use. The files of PID 1 are those of the
+// host's network namespace, whatever namespace the plugin runs in; its IPv4
+// addresses, which no procfs file names, come from netlink in that
+// namespace.
 func (v *view) readNetwork() {
 	v.readIPv4Routes()
 	v.readIPv6Routes()
+	v.readIPv4Addresses()
 	v.readIPv6Addresses()
 	v.readIPv4Neighbours()
 }
