@@ -5,9 +5,6 @@ import (
 	"slices"
 	"testing"
 
-	resourceapi "k8s.io/api/resource/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/vfio-dra/vfio-dra-driver/test/e2e/framework"
 )
 
@@ -60,23 +57,12 @@ func TestPluginWithoutSharedCounters(t *testing.T) {
 		t.Fatal(err)
 	}
 	class := applyDeviceClass(ctx, t, cp)
-	claim := &resourceapi.ResourceClaim{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "nic"},
-		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
-			Requests: []resourceapi.DeviceRequest{celRequest("nic", class, pciBusID(nicAddr))},
-		}},
-	}
-	if _, err := client.ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := client.CoreV1().Pods(ns).Create(ctx, framework.NewPod(ns, "vm", "nic"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNICClaimAndPod(ctx, t, client, ns, class)
 	pod, err := framework.WaitForPodScheduled(ctx, client, ns, "vm", schedulingTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
-	claim = waitForReservedClaim(ctx, t, client, pod, "nic")
+	claim := waitForReservedClaim(ctx, t, client, pod, "nic")
 	checkAllocatedDevice(t, claim, node.Name, "nic", nicAddr)
 	before := allDrivers(t, node)
 	if _, err := node.Prepare(ctx, framework.ClaimRef(claim)); err != nil {

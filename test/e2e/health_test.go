@@ -86,18 +86,7 @@ func TestSchedulerHonoursHealthTaints(t *testing.T) {
 	unhealthy := resourceapi.DeviceTaint{Key: driverName + "/unhealthy", Value: "off-bus", Effect: resourceapi.DeviceTaintEffectNoSchedule}
 	waitForTaints(ctx, t, cp, node.Name, device, []resourceapi.DeviceTaint{unhealthy})
 
-	claim := &resourceapi.ResourceClaim{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "nic"},
-		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
-			Requests: []resourceapi.DeviceRequest{celRequest("nic", class, pciBusID(nicAddr))},
-		}},
-	}
-	if _, err := client.ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := client.CoreV1().Pods(ns).Create(ctx, framework.NewPod(ns, "vm", "nic"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNICClaimAndPod(ctx, t, client, ns, class)
 	pod, err := framework.WaitForPodUnschedulable(ctx, client, ns, "vm", schedulingTimeout)
 	if err != nil {
 		t.Fatal(err)
@@ -155,23 +144,12 @@ func TestGoneDeviceEvictsPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	class := applyDeviceClass(ctx, t, cp)
-	claim := &resourceapi.ResourceClaim{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "nic"},
-		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
-			Requests: []resourceapi.DeviceRequest{celRequest("nic", class, pciBusID(nicAddr))},
-		}},
-	}
-	if _, err := client.ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := client.CoreV1().Pods(ns).Create(ctx, framework.NewPod(ns, "vm", "nic"), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	createNICClaimAndPod(ctx, t, client, ns, class)
 	pod, err := framework.WaitForPodScheduled(ctx, client, ns, "vm", schedulingTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
-	claim = waitForReservedClaim(ctx, t, client, pod, "nic")
+	claim := waitForReservedClaim(ctx, t, client, pod, "nic")
 	if _, err := node.Prepare(ctx, framework.ClaimRef(claim)); err != nil {
 		t.Fatal(err)
 	}

@@ -110,6 +110,24 @@ func celRequest(name, class, expression string) resourceapi.DeviceRequest {
 	}
 }
 
+// createNICClaimAndPod creates the claim "nic" for the demo node's SmartNIC
+// (nicAddr) of class and the pod "vm" that uses it.
+func createNICClaimAndPod(ctx context.Context, t *testing.T, client kubernetes.Interface, ns, class string) {
+	t.Helper()
+	claim := &resourceapi.ResourceClaim{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "nic"},
+		Spec: resourceapi.ResourceClaimSpec{Devices: resourceapi.DeviceClaim{
+			Requests: []resourceapi.DeviceRequest{celRequest("nic", class, pciBusID(nicAddr))},
+		}},
+	}
+	if _, err := client.ResourceV1().ResourceClaims(ns).Create(ctx, claim, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.CoreV1().Pods(ns).Create(ctx, framework.NewPod(ns, "vm", "nic"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // pciBusID selects the function with the given address.
 func pciBusID(addr string) string {
 	return fmt.Sprintf(`device.attributes["resource.kubernetes.io"].pciBusID == %q`, addr)
