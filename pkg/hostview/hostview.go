@@ -82,15 +82,7 @@ type view struct {
 // be read is still returned. Processes, file descriptors and links that
 // vanish while being read are skipped.
 func (r *Reader) Read(own Own) *inventory.HostUse {
-	v := &view{r: r, inUse: map[pci.Address]string{}}
-	v.checkHostPIDNamespace()
-	v.readMounts()
-	v.readSwaps()
-	v.readHeldBlockDevices()
-	v.readNetwork()
-	v.readConsole()
-	v.readVFIOHolders(own)
-	return &inventory.HostUse{InUse: v.inUse, Unavailable: strings.Join(v.unavailable, "; ")}
+	return r.read(own, true)
 }
 
 // ReadFor is Read for preparing the functions fns. The host's tables
@@ -100,6 +92,12 @@ func (r *Reader) Read(own Own) *inventory.HostUse {
 // can hold one of the IOMMU groups of fns through VFIO now (vfioReachable):
 // otherwise nothing there can name them.
 func (r *Reader) ReadFor(own Own, fns []pci.Address) *inventory.HostUse {
+	return r.read(own, r.vfioReachable(fns))
+}
+
+// read reads the host's tables and, with holders, the VFIO devices that
+// processes hold open.
+func (r *Reader) read(own Own, holders bool) *inventory.HostUse {
 	v := &view{r: r, inUse: map[pci.Address]string{}}
 	v.checkHostPIDNamespace()
 	v.readMounts()
@@ -107,7 +105,7 @@ func (r *Reader) ReadFor(own Own, fns []pci.Address) *inventory.HostUse {
 	v.readHeldBlockDevices()
 	v.readNetwork()
 	v.readConsole()
-	if r.vfioReachable(fns) {
+	if holders {
 		v.readVFIOHolders(own)
 	}
 	return &inventory.HostUse{InUse: v.inUse, Unavailable: strings.Join(v.unavailable, "; ")}
