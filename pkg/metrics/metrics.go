@@ -87,11 +87,11 @@ func New() *Metrics {
 		}, []string{"result"}),
 		bindSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "bind_duration_seconds", Buckets: latencyBuckets,
-			Help: "Time the kernel took to probe one PCI function, by the driver that bound it.",
+			Help: "Time from the write to drivers_probe until one PCI function shows on its driver, by the driver that bound it.",
 		}, []string{"driver"}),
 		unbindSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "unbind_duration_seconds", Buckets: latencyBuckets,
-			Help: "Time the kernel took to unbind one PCI function, by the driver it was unbound from.",
+			Help: "Time from the write to unbind until one PCI function shows no driver, by the driver it was unbound from.",
 		}, []string{"driver"}),
 		rescanSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "rescan_duration_seconds", Buckets: latencyBuckets,
@@ -159,7 +159,9 @@ func (m *Metrics) ObserveUnprepare(d time.Duration, step string, err error) {
 	}
 }
 
-// ObserveBind records a probe that bound a function to driver.
+// ObserveBind records a probe that bound a function to driver: d is from
+// the write to drivers_probe until sysfs showed the function on driver.
+// It implements vfio.Observer.
 func (m *Metrics) ObserveBind(driver string, d time.Duration) {
 	if m == nil {
 		return
@@ -167,7 +169,8 @@ func (m *Metrics) ObserveBind(driver string, d time.Duration) {
 	m.bindSeconds.WithLabelValues(driver).Observe(d.Seconds())
 }
 
-// ObserveUnbind records an unbind of a function from driver.
+// ObserveUnbind records an unbind of a function from driver: d is from
+// the write to its unbind file until the driver link was gone.
 func (m *Metrics) ObserveUnbind(driver string, d time.Duration) {
 	if m == nil {
 		return

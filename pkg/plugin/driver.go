@@ -115,14 +115,15 @@ func Start(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.SysfsWriter != nil {
 		w = cfg.SysfsWriter
 	}
+	opts := vfio.Options{Writer: w, Timeout: cfg.BindTimeout}
 	if cfg.Metrics != nil {
-		w = timedWriter{w: w, fs: fs, m: cfg.Metrics}
+		opts.Observer = cfg.Metrics
 	}
 	d := &Driver{
 		cfg:            cfg,
 		fs:             fs,
 		host:           hostview.New(cfg.SysfsRoot, cfg.ProcRoot),
-		binder:         vfio.NewBinder(fs, cfg.DevRoot, vfio.Options{Writer: w, Timeout: cfg.BindTimeout}),
+		binder:         vfio.NewBinder(fs, cfg.DevRoot, opts),
 		store:          checkpoint.NewStore(filepath.Join(cfg.PluginDataDir, checkpointFile)),
 		cdi:            cdi,
 		fatal:          make(chan error, 1),

@@ -3,10 +3,13 @@ package plugin_test
 import (
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	resourceapi "k8s.io/api/resource/v1"
@@ -109,6 +112,69 @@ func TestMetrics(t *testing.T) {
 	}
 	if n, err := testutil.GatherAndCount(m.Registry(), "vfio_dra_functions"); err != nil || n < 3 {
 		t.Errorf("vfio_dra_functions has %d series (%v)", n, err)
+	}
+}
+
+// lateKernel applies every unbind and drivers_probe write delay after the
+// write returned, as the kernel emulator, a process of its own, does.
+type lateKernel struct {
+	k     *pcitest.Kernel
+	delay time.Duration
+	wg    sync.WaitGroup
+}
+
+func (l *lateKernel) WriteFile(path string, data []byte) error {
+	if name := filepath.Base(path); name != "unbind" && name != "drivers_probe" {
+		return l.k.WriteFile(path, data)
+	}
+	l.wg.Go(func() {
+		time.Sleep(l.delay)
+		// An error shows as a driver link that does not move.
+		_ = l.k.WriteFile(path, data)
+	})
+	return nil
+}
+
+// TestMetricsBindAfterWrite: with a kernel that moves the driver link
+// only after the write returned, every bind and unbind of a prepare and
+// its unprepare is counted by driver, each timed at least until the link
+// moved.
+func TestMetricsBindAfterWrite(t *testing.T) {
+	t.Parallel()
+	_, ctx := ktesting.NewTestContext(t)
+	n := newNode(t)
+	m := metrics.New()
+	n.cfg.Metrics = m
+	late := &lateKernel{k: n.kernel, delay: 50 * time.Millisecond}
+	t.Cleanup(late.wg.Wait)
+	n.cfg.SysfsWriter = late
+	n.start(ctx, t)
+
+	gpu := n.createClaim(ctx, t, "gpu", []resourceapi.DeviceRequestAllocationResult{result("gpu", "0000:01:00.0")})
+	n.mustPrepare(ctx, t, gpu)
+	n.mustUnprepare(ctx, t, claimRef(gpu))
+	for _, tc := range []struct {
+		series string
+		want   int
+	}{
+		{`vfio_dra_bind_duration_seconds{driver="vfio-pci"}`, 2},
+		{`vfio_dra_bind_duration_seconds{driver="nvidia"}`, 1},
+		{`vfio_dra_bind_duration_seconds{driver="snd_hda_intel"}`, 1},
+		{`vfio_dra_unbind_duration_seconds{driver="nvidia"}`, 1},
+		{`vfio_dra_unbind_duration_seconds{driver="snd_hda_intel"}`, 1},
+		{`vfio_dra_unbind_duration_seconds{driver="vfio-pci"}`, 2},
+	} {
+		name, labels, _ := strings.Cut(tc.series, "{")
+		count := scrape(t, m, name+"_count{"+labels)
+		if count != strconv.Itoa(tc.want) {
+			t.Errorf("%s count = %q, want %d", tc.series, count, tc.want)
+			continue
+		}
+		// A lower bound, whatever the machine's load.
+		sum, err := strconv.ParseFloat(scrape(t, m, name+"_sum{"+labels), 64)
+		if err != nil || sum < float64(tc.want)*late.delay.Seconds() {
+			t.Errorf("%s sum = %v (%v), want at least %d x %v", tc.series, sum, err, tc.want, late.delay)
+		}
 	}
 }
 

@@ -148,7 +148,26 @@ type Options struct {
 	Timeout time.Duration
 	// PollInterval is the pause between two looks at sysfs; default 20ms.
 	PollInterval time.Duration
+	// Observer, when set, is told how long each bind and unbind took.
+	Observer Observer
 }
+
+// Observer is told how long the kernel took to move a function: a bind
+// from the write to drivers_probe until sysfs shows the function on its
+// target driver, an unbind from the write to the driver's unbind file
+// until the function's driver link is gone. Linux does the work within
+// the write, a kernel emulator may do it a moment later; either way this
+// is what the caller waited for. Only moves that succeeded are observed.
+// Its methods are called from the goroutine of Bind or Restore.
+type Observer interface {
+	ObserveBind(driver string, d time.Duration)
+	ObserveUnbind(driver string, d time.Duration)
+}
+
+type noObserver struct{}
+
+func (noObserver) ObserveBind(string, time.Duration)   {}
+func (noObserver) ObserveUnbind(string, time.Duration) {}
 
 // StepError is the error of Bind and Restore: the function, the step that
 // failed and the cause.
@@ -177,6 +196,7 @@ type Binder struct {
 	w       Writer
 	timeout time.Duration
 	poll    time.Duration
+	obs     Observer
 	// busy holds the accesses under way, so that none is repeated while
 	// an earlier one is blocked in the kernel.
 	busy inflight
@@ -185,9 +205,12 @@ type Binder struct {
 // NewBinder returns a Binder that reads sysfs through fs, looks for group
 // nodes below devRoot ("/dev" on a host) and writes through opts.Writer.
 func NewBinder(fs *pci.FS, devRoot string, opts Options) *Binder {
-	b := &Binder{fs: fs, devRoot: devRoot, w: opts.Writer, timeout: opts.Timeout, poll: opts.PollInterval}
+	b := &Binder{fs: fs, devRoot: devRoot, w: opts.Writer, timeout: opts.Timeout, poll: opts.PollInterval, obs: opts.Observer}
 	if b.w == nil {
 		b.w = OSWriter{}
+	}
+	if b.obs == nil {
+		b.obs = noObserver{}
 	}
 	if b.timeout <= 0 {
 		b.timeout = defaultTimeout
@@ -501,6 +524,7 @@ func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver str
 			return err
 		}
 	}
+	start := time.Now()
 	if err := b.write(b.fs.Path(pci.DriversProbe), []byte(a.String())); err != nil {
 		return &StepError{Address: a.String(), Step: StepProbe, Err: err}
 	}
@@ -520,18 +544,21 @@ func (b *Binder) moveTo(ctx context.Context, a pci.Address, st state, driver str
 	if err != nil {
 		return &StepError{Address: a.String(), Step: StepWaitDriver, Err: fmt.Errorf("want %s: %w", driver, err)}
 	}
+	b.obs.ObserveBind(driver, time.Since(start))
 	return nil
 }
 
 // unbind writes a to the unbind file of driver, its current driver, and
 // waits until the driver link is gone.
 func (b *Binder) unbind(ctx context.Context, a pci.Address, driver string) error {
+	start := time.Now()
 	if err := b.write(b.fs.Path(pci.BusDriversDir, driver, "unbind"), []byte(a.String())); err != nil {
 		return &StepError{Address: a.String(), Step: StepUnbind, Err: err}
 	}
 	if err := b.waitDriver(ctx, a, func(d string) (bool, error) { return d != driver, nil }); err != nil {
 		return &StepError{Address: a.String(), Step: StepWaitUnbind, Err: err}
 	}
+	b.obs.ObserveUnbind(driver, time.Since(start))
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -1519,7 +1520,8 @@ func TestBindAsync(t *testing.T) {
 		t.Fatalf("Watch: %v", err)
 	}
 
-	b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 5 * time.Second, PollInterval: time.Millisecond})
+	obs := &observer{}
+	b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
 	originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
 	if err != nil {
 		t.Fatal(err)
@@ -1544,11 +1546,16 @@ func TestBindAsync(t *testing.T) {
 	if isCharDevice(t, m.groupNode(2)) {
 		t.Error("/dev/vfio/2 left behind")
 	}
+	// The emulator moves the links after the writes returned; every
+	// move is observed all the same.
+	obs.check(t, "after Bind and Restore", []string{"vfio-pci", "vfio-pci", "nvidia", "snd_hda_intel"},
+		[]string{"nvidia", "snd_hda_intel", "vfio-pci", "vfio-pci"})
 
 	// A write the kernel refuses: OSWriter cannot see the error, so the
 	// Binder times out waiting and rolls the first member back.
 	m.kernel.FailNext("unbind", gpuAudio, syscall.EBUSY)
-	b = vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 500 * time.Millisecond, PollInterval: time.Millisecond})
+	obs = &observer{}
+	b = vfio.NewBinder(m.fs, m.dev, vfio.Options{Timeout: 500 * time.Millisecond, PollInterval: time.Millisecond, Observer: obs})
 	err = b.Bind(ctx, 2, originals, "vfio-pci")
 	var se *vfio.StepError
 	if !errors.As(err, &se) || se.Address != gpuAudio || se.Step != vfio.StepWaitUnbind || !errors.Is(err, vfio.ErrTimeout) {
@@ -1560,6 +1567,8 @@ func TestBindAsync(t *testing.T) {
 	if errs := m.kernel.Errors(); len(errs) != 1 || !errors.Is(errs[0], syscall.EBUSY) {
 		t.Errorf("kernel errors %v, want the one EBUSY", errs)
 	}
+	// The write to unbind returned, but the link stayed: not an unbind.
+	obs.check(t, "after the failed Bind", []string{"vfio-pci", "nvidia"}, []string{"nvidia", "vfio-pci"})
 }
 
 // TestBindPerMemberTarget: a function with a Target of its own goes to that
@@ -1627,4 +1636,144 @@ func TestBindPerMemberTarget(t *testing.T) {
 	if w := m.kernel.Writes()[writes:]; len(w) > 0 {
 		t.Errorf("Restore of a function that was on its target wrote %v", w)
 	}
+}
+
+// observer records what a Binder reports to its Observer.
+type observer struct {
+	mu             sync.Mutex
+	binds, unbinds []string
+	// bindTimes and unbindTimes hold the durations, in the same order.
+	bindTimes, unbindTimes []time.Duration
+}
+
+func (o *observer) ObserveBind(driver string, d time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.binds = append(o.binds, driver)
+	o.bindTimes = append(o.bindTimes, d)
+}
+
+func (o *observer) ObserveUnbind(driver string, d time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.unbinds = append(o.unbinds, driver)
+	o.unbindTimes = append(o.unbindTimes, d)
+}
+
+// check compares the drivers observed so far.
+func (o *observer) check(t *testing.T, when string, binds, unbinds []string) {
+	t.Helper()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if diff := cmp.Diff(binds, o.binds, cmpopts.EquateEmpty()); diff != "" {
+		t.Errorf("%s: binds observed (-want +got):\n%s", when, diff)
+	}
+	if diff := cmp.Diff(unbinds, o.unbinds, cmpopts.EquateEmpty()); diff != "" {
+		t.Errorf("%s: unbinds observed (-want +got):\n%s", when, diff)
+	}
+}
+
+// TestObserver: the Observer hears of every bind and unbind that
+// succeeded, by driver, timed until sysfs shows the move, also when the
+// kernel moves the driver link only after the write has returned; a
+// refused probe and a failed unbind are not observed.
+func TestObserver(t *testing.T) {
+	t.Run("bind and restore", func(t *testing.T) {
+		m := newMachine(t)
+		obs := &observer{}
+		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: m.kernel, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 2, originals, "vfio-pci"); err != nil {
+			t.Fatalf("Bind: %v", err)
+		}
+		obs.check(t, "after Bind", []string{"vfio-pci", "vfio-pci"}, []string{"nvidia", "snd_hda_intel"})
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatalf("Restore: %v", err)
+		}
+		obs.check(t, "after Restore", []string{"vfio-pci", "vfio-pci", "nvidia", "snd_hda_intel"},
+			[]string{"nvidia", "snd_hda_intel", "vfio-pci", "vfio-pci"})
+	})
+
+	t.Run("kernel moves the link after the write returned", func(t *testing.T) {
+		m := newMachine(t)
+		const delay = 50 * time.Millisecond
+		var wg sync.WaitGroup
+		t.Cleanup(wg.Wait)
+		// Like the kernel emulator, a process of its own: every unbind
+		// and probe takes effect delay after its write returned.
+		w := &hookWriter{k: m.kernel, before: func(path string, data []byte) bool {
+			if !isProbe(path) && filepath.Base(path) != "unbind" {
+				return true
+			}
+			wg.Go(func() {
+				time.Sleep(delay)
+				if err := m.kernel.WriteFile(path, data); err != nil {
+					t.Error(err)
+				}
+			})
+			return false
+		}}
+		obs := &observer{}
+		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 4, originals, "vfio-pci"); err != nil {
+			t.Fatalf("Bind: %v", err)
+		}
+		if err := b.Restore(t.Context(), originals, "vfio-pci"); err != nil {
+			t.Fatalf("Restore: %v", err)
+		}
+		obs.check(t, "after Bind and Restore", []string{"vfio-pci", "e1000e"}, []string{"e1000e", "vfio-pci"})
+		// Each move was timed until the link moved, not until the write
+		// returned (a lower bound, whatever the machine's load).
+		obs.mu.Lock()
+		defer obs.mu.Unlock()
+		for i, d := range append(slices.Clone(obs.bindTimes), obs.unbindTimes...) {
+			if d < delay {
+				t.Errorf("move %d observed after %v, before the kernel made it (%v)", i, d, delay)
+			}
+		}
+	})
+
+	t.Run("refused probe and failed unbind", func(t *testing.T) {
+		m := newMachine(t)
+		refused := false
+		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
+			if isProbe(path) && !refused {
+				refused = true
+				return false
+			}
+			return true
+		}}
+		obs := &observer{}
+		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		originals, err := b.Snapshot(addrs(t, nic))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Bind(t.Context(), 4, originals, "vfio-pci"); !errors.Is(err, vfio.ErrProbeRefused) {
+			t.Fatalf("Bind error %v, want ErrProbeRefused", err)
+		}
+		// The unbind from e1000e, then the rollback's probe back to it.
+		obs.check(t, "after the refused probe", []string{"e1000e"}, []string{"e1000e"})
+
+		obs = &observer{}
+		b = vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: m.kernel, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		originals, err = b.Snapshot(addrs(t, gpu, gpuAudio))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.kernel.FailNext(pcitest.OpUnbind, gpuAudio, syscall.EBUSY)
+		if err := b.Bind(t.Context(), 2, originals, "vfio-pci"); err == nil {
+			t.Fatal("Bind with a failing unbind succeeded")
+		}
+		// The GPU moved and was given back; the audio function's
+		// unbind failed.
+		obs.check(t, "after the failed unbind", []string{"vfio-pci", "nvidia"}, []string{"nvidia", "vfio-pci"})
+	})
 }
