@@ -14,8 +14,15 @@ IMAGE_TAR ?= $(BIN)/vfio-dra-driver-image.tar
 
 all: build
 
+# grpcnotrace keeps gRPC from linking golang.org/x/net/trace, whose
+# html/template looks methods up by name at run time: the linker then has to
+# keep every exported method of every type that is put in an interface (all
+# of client-go's typed clients, for one). Without it the plugin is 54 MB
+# instead of 34 MB. The image build (tools/image, Dockerfile) uses the same tag.
+GO_BUILD_FLAGS ?= -trimpath -tags=grpcnotrace -ldflags='-s -w'
+
 build:
-	$(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./cmd/...
+	$(GO) build $(GO_BUILD_FLAGS) -o $(BIN)/ ./cmd/...
 
 ## test: everything CI runs (unit tests with -race, fuzzing, lint, the real control plane, a real node, the real kernel).
 test: lint test-unit fuzz test-tools chart-check e2e e2e-node test-vm

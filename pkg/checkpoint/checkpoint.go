@@ -167,3 +167,55 @@ func (c *Checkpoint) HostDrivers() map[string]string {
 	}
 	return out
 }
+
+// Clone returns a deep copy of c: changing one never changes the other.
+func (c *Checkpoint) Clone() *Checkpoint {
+	if c == nil {
+		return nil
+	}
+	out := &Checkpoint{BootID: c.BootID}
+	if c.Claims != nil {
+		out.Claims = make(map[string]*Claim, len(c.Claims))
+		for uid, claim := range c.Claims {
+			out.Claims[uid] = claim.Clone()
+		}
+	}
+	return out
+}
+
+// Clone returns a deep copy of c.
+func (c *Claim) Clone() *Claim {
+	if c == nil {
+		return nil
+	}
+	out := *c
+	if c.Devices != nil {
+		out.Devices = make([]Device, len(c.Devices))
+		for i, d := range c.Devices {
+			out.Devices[i] = d.clone()
+		}
+	}
+	if c.Groups != nil {
+		out.Groups = make([]Group, len(c.Groups))
+		for i, g := range c.Groups {
+			out.Groups[i] = g
+			// Members hold only strings: a shallow copy of the slice
+			// is a deep one.
+			out.Groups[i].Members = slices.Clone(g.Members)
+		}
+	}
+	return &out
+}
+
+func (d Device) clone() Device {
+	d.Requests = slices.Clone(d.Requests)
+	d.CDIDeviceIDs = slices.Clone(d.CDIDeviceIDs)
+	if d.Attributes != nil {
+		attrs := make(map[resourceapi.QualifiedName]resourceapi.DeviceAttribute, len(d.Attributes))
+		for k, v := range d.Attributes {
+			attrs[k] = *v.DeepCopy()
+		}
+		d.Attributes = attrs
+	}
+	return d
+}

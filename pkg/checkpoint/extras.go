@@ -1,7 +1,6 @@
 package checkpoint
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -169,10 +168,10 @@ func (e *extras) apply(cp *Checkpoint) {
 	}
 }
 
-// encodeExtras returns the extras file for cp, and nil when cp has nothing
-// for it. kept are entries of claims that cp no longer has and that the
-// file must still hold (see Store.Update).
-func encodeExtras(cp *Checkpoint, kept map[string]*claimExtras) ([]byte, error) {
+// encodeExtras returns the extras file for cp and the data inside it, and
+// nil when cp has nothing for it. kept are entries of claims that cp no
+// longer has and that the file must still hold (see Store.Update).
+func encodeExtras(cp *Checkpoint, kept map[string]*claimExtras) (file, data []byte, err error) {
 	e := extras{Claims: extrasOf(cp)}
 	for uid, ce := range kept {
 		if _, ok := cp.Claims[uid]; !ok {
@@ -180,18 +179,13 @@ func encodeExtras(cp *Checkpoint, kept map[string]*claimExtras) ([]byte, error) 
 		}
 	}
 	if len(e.Claims) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
-	data, err := json.MarshalIndent(e, "  ", "  ")
+	data, err = json.MarshalIndent(e, "  ", "  ")
 	if err != nil {
-		return nil, fmt.Errorf("encode checkpoint extras: %w", err)
+		return nil, nil, fmt.Errorf("encode checkpoint extras: %w", err)
 	}
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "{\n  \"apiVersion\": %s,\n  \"kind\": %s,\n  \"checksum\": %s,\n  \"data\": ",
-		jsonString(APIVersion), jsonString(ExtrasKind), jsonString(checksum(data)))
-	b.Write(data)
-	b.WriteString("\n}\n")
-	return b.Bytes(), nil
+	return envelopeFile(ExtrasKind, data), data, nil
 }
 
 // decodeExtras parses an extras file: the type and the checksum must be
@@ -213,8 +207,14 @@ func decodeExtras(content []byte) (*extras, error) {
 		return nil, fmt.Errorf("%w: checksum mismatch: file says %q, data hashes to %q",
 			ErrCorrupt, env.Checksum, sum)
 	}
+	return decodeExtrasData(env.Data)
+}
+
+// decodeExtrasData decodes the data of an extras file whose envelope was
+// checked.
+func decodeExtrasData(data []byte) (*extras, error) {
 	e := &extras{}
-	if err := json.Unmarshal(env.Data, e); err != nil {
+	if err := json.Unmarshal(data, e); err != nil {
 		return nil, fmt.Errorf("%w: data: %w", ErrCorrupt, err)
 	}
 	return e, nil

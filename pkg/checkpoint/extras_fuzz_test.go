@@ -48,7 +48,7 @@ func FuzzDecodeExtras(f *testing.F) {
 				}
 			}
 		}
-		out, err := encodeExtras(cp, nil)
+		out, _, err := encodeExtras(cp, nil)
 		if err != nil {
 			t.Fatalf("extras do not encode: %v", err)
 		}

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // ErrCorrupt marks a checkpoint file that cannot be trusted: truncated or
@@ -31,6 +32,27 @@ const bootIDFile = "sys/kernel/random/boot_id"
 type Store struct {
 	path, extras string
 	mu           sync.Mutex
+	// last is the checkpoint as last read or written, with the exact
+	// bytes of both files it comes from. A read whose bytes are the same
+	// returns a copy of it instead of decoding again: decoding is most
+	// of what a Get costs. Comparing the bytes, not the files' size or
+	// times, also sees a file replaced behind the Store's back with
+	// content of the same length within one timestamp tick.
+	last atomic.Pointer[snapshot]
+}
+
+// snapshot is a decoded checkpoint and the file contents it was decoded
+// from. It is never changed once stored: readers get clones of cp.
+type snapshot struct {
+	data      []byte
+	extras    []byte
+	hasExtras bool
+	cp        *Checkpoint
+}
+
+// matches reports whether the files read now are the ones s came from.
+func (s *snapshot) matches(data, extras []byte, hasExtras bool) bool {
+	return s != nil && s.hasExtras == hasExtras && bytes.Equal(s.data, data) && bytes.Equal(s.extras, extras)
 }
 
 // NewStore returns a Store for the checkpoint file at path and its extras
@@ -48,7 +70,8 @@ func (s *Store) Path() string { return s.path }
 // or unknown fields is an error naming the file; nothing is silently dropped.
 //
 // Get does not wait for a running Update: files are replaced by rename, so it
-// sees either the old or the new content. Each call returns a fresh value.
+// sees either the old or the new content. Each call returns a fresh value,
+// which the caller may change: it shares nothing with the Store.
 func (s *Store) Get() (*Checkpoint, error) {
 	cp, _, err := s.read()
 	return cp, err
@@ -74,11 +97,11 @@ func (s *Store) Update(mutate func(*Checkpoint) error) error {
 	if err := mutate(cp); err != nil {
 		return err
 	}
-	data, err := Encode(cp)
+	data, inner, err := encode(cp)
 	if err != nil {
 		return fmt.Errorf("write checkpoint %s: %w", s.path, err)
 	}
-	newExtras, err := encodeExtras(cp, kept)
+	newExtras, extrasInner, err := encodeExtras(cp, kept)
 	if err != nil {
 		return fmt.Errorf("write checkpoint %s: %w", s.extras, err)
 	}
@@ -94,14 +117,34 @@ func (s *Store) Update(mutate func(*Checkpoint) error) error {
 	}
 	if newExtras == nil && oldExtras != nil {
 		if err := os.Remove(s.extras); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.last.Store(nil)
 			return fmt.Errorf("remove checkpoint %s: %w", s.extras, err)
 		}
 	}
+	s.remember(data, inner, newExtras, extrasInner)
 	return nil
 }
 
+// remember keeps what Update wrote as the last checkpoint, decoded from
+// the written bytes rather than taken from mutate's value: the caller may
+// still hold and change that value, and a read of the files gives what
+// they hold (a nil Claims map reads as empty, an extras target that is
+// not a VFIO driver is dropped), not what mutate set. The envelope was
+// built here, so only its data is decoded.
+func (s *Store) remember(data, inner, extrasFile, extrasInner []byte) {
+	cp, err := decodeWritten(inner, extrasInner)
+	if err != nil {
+		// Not expected for bytes just encoded; the next read decodes
+		// the files and reports what is wrong.
+		s.last.Store(nil)
+		return
+	}
+	s.last.Store(&snapshot{data: data, extras: extrasFile, hasExtras: extrasFile != nil, cp: cp})
+}
+
 // read returns the checkpoint with its extras and the extras file as read
-// (nil when there is none).
+// (nil when there is none). When both files hold what they held at the last
+// read or write, it returns a copy of that checkpoint without decoding.
 func (s *Store) read() (*Checkpoint, []byte, error) {
 	data, err := os.ReadFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -110,25 +153,39 @@ func (s *Store) read() (*Checkpoint, []byte, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("read checkpoint: %w", err)
 	}
+	// After the checkpoint file: Update writes the extras first, so every
+	// claim just read has its extras in what is read now.
+	ext, extErr := os.ReadFile(s.extras)
+	hasExtras := extErr == nil
+	if last := s.last.Load(); extErr == nil || errors.Is(extErr, fs.ErrNotExist) {
+		if last.matches(data, ext, hasExtras) {
+			return last.cp.Clone(), last.extras, nil
+		}
+	}
 	cp, err := Decode(data)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read checkpoint %s: %w", s.path, err)
 	}
-	// After the checkpoint file: Update writes the extras first, so every
-	// claim just read has its extras in what is read now.
-	ext, err := os.ReadFile(s.extras)
-	if errors.Is(err, fs.ErrNotExist) {
+	if errors.Is(extErr, fs.ErrNotExist) {
+		s.keep(data, nil, cp)
 		return cp, nil, nil
 	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("read checkpoint: %w", err)
+	if extErr != nil {
+		return nil, nil, fmt.Errorf("read checkpoint: %w", extErr)
 	}
 	e, err := decodeExtras(ext)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read checkpoint %s: %w", s.extras, err)
 	}
 	e.apply(cp)
+	s.keep(data, ext, cp)
 	return cp, ext, nil
+}
+
+// keep stores a copy of cp, just decoded from data and ext, as the last
+// checkpoint; the caller goes on with cp itself.
+func (s *Store) keep(data, ext []byte, cp *Checkpoint) {
+	s.last.Store(&snapshot{data: data, extras: ext, hasExtras: ext != nil, cp: cp.Clone()})
 }
 
 // envelope is the on-disk form. Data holds the exact bytes the checksum
@@ -147,22 +204,33 @@ type envelope struct {
 // nil Claims map is written as no claims. Content that Validate rejects is
 // not encoded.
 func Encode(cp *Checkpoint) ([]byte, error) {
+	file, _, err := encode(cp)
+	return file, err
+}
+
+// encode is Encode, returning the data bytes inside the file as well.
+func encode(cp *Checkpoint) (file, data []byte, err error) {
 	if cp == nil {
-		return nil, errors.New("nil checkpoint")
+		return nil, nil, errors.New("nil checkpoint")
 	}
 	if err := cp.Validate(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	data, err := json.MarshalIndent(withoutExtras(cp), "  ", "  ")
+	data, err = json.MarshalIndent(withoutExtras(cp), "  ", "  ")
 	if err != nil {
-		return nil, fmt.Errorf("encode checkpoint: %w", err)
+		return nil, nil, fmt.Errorf("encode checkpoint: %w", err)
 	}
+	return envelopeFile(Kind, data), data, nil
+}
+
+// envelopeFile wraps data in the envelope of kind, with its checksum.
+func envelopeFile(kind string, data []byte) []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "{\n  \"apiVersion\": %s,\n  \"kind\": %s,\n  \"checksum\": %s,\n  \"data\": ",
-		jsonString(APIVersion), jsonString(Kind), jsonString(checksum(data)))
+		jsonString(APIVersion), jsonString(kind), jsonString(checksum(data)))
 	b.Write(data)
 	b.WriteString("\n}\n")
-	return b.Bytes(), nil
+	return b.Bytes()
 }
 
 // Decode parses file content written by Encode. It checks, in this order, the
@@ -197,8 +265,14 @@ func Decode(content []byte) (*Checkpoint, error) {
 			ErrCorrupt, env.Checksum, sum)
 	}
 
+	return decodeData(env.Data)
+}
+
+// decodeData decodes the data of a checkpoint file whose envelope was
+// checked.
+func decodeData(data []byte) (*Checkpoint, error) {
 	cp := &Checkpoint{}
-	if err := decodeStrict(env.Data, cp); err != nil {
+	if err := decodeStrict(data, cp); err != nil {
 		return nil, fmt.Errorf("%w: data: %w", ErrCorrupt, err)
 	}
 	if cp.Claims == nil {
@@ -206,6 +280,24 @@ func Decode(content []byte) (*Checkpoint, error) {
 	}
 	if err := cp.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return cp, nil
+}
+
+// decodeWritten decodes what Update just wrote, from the data inside the
+// envelopes it built: data of the checkpoint file and extras of the extras
+// file (nil for none). The result is what a read of the files gives.
+func decodeWritten(data, extrasData []byte) (*Checkpoint, error) {
+	cp, err := decodeData(data)
+	if err != nil {
+		return nil, err
+	}
+	if extrasData != nil {
+		e, err := decodeExtrasData(extrasData)
+		if err != nil {
+			return nil, err
+		}
+		e.apply(cp)
 	}
 	return cp, nil
 }

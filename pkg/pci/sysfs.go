@@ -228,16 +228,8 @@ func (f *FS) read(d *Device) error {
 	// driver_override is not read here: the kernel blocks reads of it
 	// while an unbind of the device waits for a VFIO user, and discovery
 	// must not hang. The binder reads it, bounded, when it needs it.
-	group, err := linkBase(dir + "/iommu_group")
-	if err != nil {
+	if d.IOMMUGroup, err = readGroupLink(dir + "/iommu_group"); err != nil {
 		return err
-	}
-	if group != "" {
-		n, err := strconv.Atoi(group)
-		if err != nil || n < 0 {
-			return fmt.Errorf("%s: group %q is not a number", dir+"/iommu_group", group)
-		}
-		d.IOMMUGroup = &n
 	}
 
 	ints := []struct {
@@ -338,6 +330,31 @@ func (f *FS) IOMMUGroupMembers(group int) ([]Address, error) {
 	}
 	slices.SortFunc(members, Address.Compare)
 	return members, nil
+}
+
+// IOMMUGroup returns the IOMMU group of addr from its iommu_group link, nil
+// when it has none or is not there. It reads that one link, for callers
+// that need the group and nothing else (Device reads every attribute).
+func (f *FS) IOMMUGroup(addr Address) (*int, error) {
+	g, err := readGroupLink(f.DevicePath(addr, "iommu_group"))
+	if err != nil {
+		return nil, fmt.Errorf("PCI device %s: %w", addr, err)
+	}
+	return g, nil
+}
+
+// readGroupLink returns the group number an iommu_group link names, nil
+// when there is no link.
+func readGroupLink(link string) (*int, error) {
+	group, err := linkBase(link)
+	if err != nil || group == "" {
+		return nil, err
+	}
+	n, err := strconv.Atoi(group)
+	if err != nil || n < 0 {
+		return nil, fmt.Errorf("%s: group %q is not a number", link, group)
+	}
+	return &n, nil
 }
 
 // CurrentDriver returns the driver bound to addr now, "" if none.

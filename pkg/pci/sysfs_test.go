@@ -384,3 +384,41 @@ func wantInt(t *testing.T, what string, got, want int) {
 		t.Errorf("%s = %d, want %d", what, got, want)
 	}
 }
+
+// TestIOMMUGroupAsDevice: the one-link read gives every function of the
+// demo server the group that the full read gives it, and a function that
+// is not there none.
+func TestIOMMUGroupAsDevice(t *testing.T) {
+	root := t.TempDir()
+	if _, err := pcitest.NewServer(root); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := pci.NewFS(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	devices, _, err := fs.Scan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	withGroup := 0
+	for _, d := range devices {
+		g, err := fs.IOMMUGroup(d.Address)
+		if err != nil {
+			t.Errorf("%s: %v", d.Address, err)
+			continue
+		}
+		if diff := cmp.Diff(d.IOMMUGroup, g); diff != "" {
+			t.Errorf("%s: IOMMUGroup differs from Device (-Device +IOMMUGroup):\n%s", d.Address, diff)
+		}
+		if g != nil {
+			withGroup++
+		}
+	}
+	if withGroup == 0 {
+		t.Error("no function of the demo server has a group: the test checks nothing")
+	}
+	if g, err := fs.IOMMUGroup(mustAddr(t, "0000:ff:1f.7")); g != nil || err != nil {
+		t.Errorf("IOMMUGroup of a missing function = %v, %v; want nil, nil", g, err)
+	}
+}

@@ -79,9 +79,10 @@ func (d *Driver) lockClaim(uid string, allocated []resourceapi.DeviceRequestAllo
 			continue
 		}
 		// A device that cannot be read fails the prepare later, in plan.
+		// Only its iommu_group link is read: plan reads the rest.
 		if a, err := pci.ParseDeviceName(r.Device); err == nil {
-			if dev, err := d.fs.Device(a); err == nil && dev.IOMMUGroup != nil {
-				groups[*dev.IOMMUGroup] = true
+			if g, err := d.fs.IOMMUGroup(a); err == nil && g != nil {
+				groups[*g] = true
 			}
 		}
 	}

@@ -106,7 +106,7 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		}
 		i := slices.IndexFunc(p.Groups, func(g checkpoint.Group) bool { return g.Number == group })
 		if i < 0 {
-			endpoints, err := vfio.GroupEndpoints(d.fs, group)
+			endpoints, err := groupEndpoints(decisions, group, dec.GroupMembers)
 			if err != nil {
 				return nil, fmt.Errorf("device %s: %w", r.Device, err)
 			}
@@ -141,6 +141,23 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 		})
 	}
 	return p, nil
+}
+
+// groupEndpoints is vfio.GroupEndpoints from what ScanGroups read just
+// before, instead of reading the group's functions a second time: the
+// members of group, sorted, without the passive bridges.
+func groupEndpoints(decisions map[pci.Address]inventory.Decision, group int, members []pci.Address) ([]pci.Address, error) {
+	out := make([]pci.Address, 0, len(members))
+	for _, a := range slices.SortedFunc(slices.Values(members), pci.Address.Compare) {
+		dec, ok := decisions[a]
+		if !ok {
+			return nil, fmt.Errorf("IOMMU group %d: PCI device %s could not be read", group, a)
+		}
+		if !dec.Device.IsPassiveBridge() {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }
 
 // targets resolves the configured driver for each of an IOMMU group's

@@ -7,7 +7,9 @@ import (
 	resourceapi "k8s.io/api/resource/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/klog/v2"
 )
@@ -36,13 +38,7 @@ func (d *Driver) watchSlices(ctx context.Context) {
 	if d.cfg.KubeClient == nil {
 		return
 	}
-	selector := fields.Set{
-		resourceapi.ResourceSliceSelectorNodeName: d.cfg.NodeName,
-		resourceapi.ResourceSliceSelectorDriver:   d.cfg.DriverName,
-	}.String()
-	factory := informers.NewSharedInformerFactoryWithOptions(d.cfg.KubeClient, 0,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = selector }))
-	informer := factory.Resource().V1().ResourceSlices().Informer()
+	informer := sliceInformer(d.cfg.KubeClient, d.cfg.NodeName, d.cfg.DriverName)
 	deleted := make(chan struct{}, 1)
 	_, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		DeleteFunc: func(obj any) {
@@ -63,16 +59,61 @@ func (d *Driver) watchSlices(ctx context.Context) {
 		logger.Error(err, "Watching this node's ResourceSlices; deleted slices come back after the ResourceSlice controller's delay")
 		return
 	}
-	factory.Start(ctx.Done())
+	d.background.Go(func() { informer.RunWithContext(ctx) })
 	syncCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if !cache.WaitForCacheSync(syncCtx.Done(), informer.HasSynced) {
 		logger.Info("Warning: this node's ResourceSlices could not be listed; the watch that republishes deleted slices starts later")
 	}
 	d.background.Go(func() {
-		defer factory.Shutdown()
 		d.republishDeleted(ctx, informer.GetStore(), deleted)
 	})
+}
+
+// sliceInformer returns an informer of this node's ResourceSlices of the
+// driver that stores only what the delete handler and publishedSlices read
+// (name, driver, node, pool). It does not go through an informer factory:
+// that would link every API group's informers and listers into the
+// plugin, and store a second copy of all published devices.
+func sliceInformer(client kubernetes.Interface, nodeName, driverName string) cache.SharedIndexInformer {
+	selector := fields.Set{
+		resourceapi.ResourceSliceSelectorNodeName: nodeName,
+		resourceapi.ResourceSliceSelectorDriver:   driverName,
+	}.String()
+	slices := client.ResourceV1().ResourceSlices()
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			o.FieldSelector = selector
+			return slices.List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			o.FieldSelector = selector
+			return slices.Watch(ctx, o)
+		},
+	}
+	informer := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, client), &resourceapi.ResourceSlice{}, 0, cache.Indexers{})
+	// Only fails once the informer runs.
+	_ = informer.SetTransform(sliceSummary)
+	return informer
+}
+
+// sliceSummary keeps of a ResourceSlice what the informer of watchSlices
+// needs. It returns a new object, so that neither the devices nor the
+// list the slice was decoded in (which the slice's own memory is part of)
+// stay referenced by the informer's store.
+func sliceSummary(obj any) (any, error) {
+	s, ok := obj.(*resourceapi.ResourceSlice)
+	if !ok {
+		return obj, nil
+	}
+	return &resourceapi.ResourceSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion},
+		Spec: resourceapi.ResourceSliceSpec{
+			Driver:   s.Spec.Driver,
+			NodeName: s.Spec.NodeName,
+			Pool:     s.Spec.Pool,
+		},
+	}, nil
 }
 
 // republishDeleted republishes after each deletion that deleted signals

@@ -11,8 +11,10 @@ import (
 
 // GoBuildFlags are the flags every binary of the image is built with: no
 // paths of the build machine, no VCS stamp (a dirty tree would change the
-// digest), no build ID. The Dockerfile uses the same.
-var GoBuildFlags = []string{"-trimpath", "-buildvcs=false", "-ldflags=-s -w -buildid="}
+// digest), no build ID, and gRPC without golang.org/x/net/trace
+// (grpcnotrace, see the Makefile: it lets the linker drop unused methods).
+// The Dockerfile uses the same.
+var GoBuildFlags = []string{"-trimpath", "-buildvcs=false", "-tags=grpcnotrace", "-ldflags=-s -w -buildid="}
 
 // Compile builds the image's binaries from the driver module in repo for
 // every platform into binDir/<os>_<arch>/, static (CGO_ENABLED=0).
