@@ -80,15 +80,15 @@ func sliceInformer(client kubernetes.Interface, nodeName, driverName string) cac
 		resourceapi.ResourceSliceSelectorNodeName: nodeName,
 		resourceapi.ResourceSliceSelectorDriver:   driverName,
 	}.String()
-	slices := client.ResourceV1().ResourceSlices()
+	api := client.ResourceV1().ResourceSlices()
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			o.FieldSelector = selector
-			return slices.List(ctx, o)
+			return api.List(ctx, o)
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
 			o.FieldSelector = selector
-			return slices.Watch(ctx, o)
+			return api.Watch(ctx, o)
 		},
 	}
 	informer := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, client), &resourceapi.ResourceSlice{}, 0, cache.Indexers{})
