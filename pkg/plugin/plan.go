@@ -144,20 +144,15 @@ func (d *Driver) plan(claim *resourceapi.ResourceClaim, cp *checkpoint.Checkpoin
 }
 
 // groupEndpoints is vfio.GroupEndpoints from what ScanGroups read just
-// before, instead of reading the group's functions a second time: the
-// members of group, sorted, without the passive bridges.
+// before, instead of reading the group's functions a second time.
 func groupEndpoints(decisions map[pci.Address]inventory.Decision, group int, members []pci.Address) ([]pci.Address, error) {
-	out := make([]pci.Address, 0, len(members))
-	for _, a := range slices.SortedFunc(slices.Values(members), pci.Address.Compare) {
+	return vfio.Endpoints(group, members, func(a pci.Address) (*pci.Device, error) {
 		dec, ok := decisions[a]
 		if !ok {
-			return nil, fmt.Errorf("IOMMU group %d: PCI device %s could not be read", group, a)
+			return nil, fmt.Errorf("PCI device %s could not be read", a)
 		}
-		if !dec.Device.IsPassiveBridge() {
-			out = append(out, a)
-		}
-	}
-	return out, nil
+		return dec.Device, nil
+	})
 }
 
 // targets resolves the configured driver for each of an IOMMU group's

@@ -729,9 +729,16 @@ func GroupEndpoints(fs *pci.FS, group int) ([]pci.Address, error) {
 	if err != nil {
 		return nil, err
 	}
+	return Endpoints(group, members, fs.Device)
+}
+
+// Endpoints is GroupEndpoints for members, the sorted members of group,
+// whose state device gives: a caller that read them already passes what
+// it read instead of reading sysfs again.
+func Endpoints(group int, members []pci.Address, device func(pci.Address) (*pci.Device, error)) ([]pci.Address, error) {
 	var out []pci.Address
 	for _, a := range members {
-		d, err := fs.Device(a)
+		d, err := device(a)
 		if err != nil {
 			return nil, fmt.Errorf("IOMMU group %d: %w", group, err)
 		}
