@@ -122,10 +122,31 @@ func newMachine(t *testing.T) *machine {
 }
 
 func (m *machine) binder(w vfio.Writer, timeout time.Duration) *vfio.Binder {
+	return m.binderWith(w, vfio.Options{Timeout: timeout})
+}
+
+// binderWith is binder with opts, whose Writer (m's kernel when w is nil)
+// and PollInterval it sets.
+func (m *machine) binderWith(w vfio.Writer, opts vfio.Options) *vfio.Binder {
 	if w == nil {
 		w = m.kernel
 	}
-	return vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: timeout, PollInterval: time.Millisecond})
+	opts.Writer, opts.PollInterval = w, time.Millisecond
+	return vfio.NewBinder(m.fs, m.dev, opts)
+}
+
+// refusingFirstProbe writes to m's kernel, but drops the first probe: the
+// kernel probed and the driver said no, the write succeeds and the
+// function stays driverless.
+func (m *machine) refusingFirstProbe() *hookWriter {
+	refused := false
+	return &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
+		if isProbe(path) && !refused {
+			refused = true
+			return false
+		}
+		return true
+	}}
 }
 
 // state returns driver and driver_override of each function, as Snapshot
@@ -895,19 +916,9 @@ func TestBindWaits(t *testing.T) {
 
 	t.Run("probe refused", func(t *testing.T) {
 		m := newMachine(t)
-		dropped := false
-		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
-			if isProbe(path) && !dropped {
-				// The kernel probed and the driver said no: the
-				// write succeeds, the function stays driverless.
-				dropped = true
-				return false
-			}
-			return true
-		}}
 		// Far longer than the test may take: a refused probe must not
 		// wait for the timeout.
-		b := m.binder(w, time.Hour)
+		b := m.binder(m.refusingFirstProbe(), time.Hour)
 		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 		defer cancel()
 		originals, err := b.Snapshot(addrs(t, nic))
@@ -1681,7 +1692,7 @@ func TestObserver(t *testing.T) {
 	t.Run("bind and restore", func(t *testing.T) {
 		m := newMachine(t)
 		obs := &observer{}
-		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: m.kernel, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		b := m.binderWith(nil, vfio.Options{Timeout: 5 * time.Second, Observer: obs})
 		originals, err := b.Snapshot(addrs(t, gpu, gpuAudio))
 		if err != nil {
 			t.Fatal(err)
@@ -1717,7 +1728,7 @@ func TestObserver(t *testing.T) {
 			return false
 		}}
 		obs := &observer{}
-		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		b := m.binderWith(w, vfio.Options{Timeout: 5 * time.Second, Observer: obs})
 		originals, err := b.Snapshot(addrs(t, nic))
 		if err != nil {
 			t.Fatal(err)
@@ -1742,16 +1753,8 @@ func TestObserver(t *testing.T) {
 
 	t.Run("refused probe and failed unbind", func(t *testing.T) {
 		m := newMachine(t)
-		refused := false
-		w := &hookWriter{k: m.kernel, before: func(path string, _ []byte) bool {
-			if isProbe(path) && !refused {
-				refused = true
-				return false
-			}
-			return true
-		}}
 		obs := &observer{}
-		b := vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: w, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		b := m.binderWith(m.refusingFirstProbe(), vfio.Options{Timeout: 5 * time.Second, Observer: obs})
 		originals, err := b.Snapshot(addrs(t, nic))
 		if err != nil {
 			t.Fatal(err)
@@ -1763,7 +1766,7 @@ func TestObserver(t *testing.T) {
 		obs.check(t, "after the refused probe", []string{"e1000e"}, []string{"e1000e"})
 
 		obs = &observer{}
-		b = vfio.NewBinder(m.fs, m.dev, vfio.Options{Writer: m.kernel, Timeout: 5 * time.Second, PollInterval: time.Millisecond, Observer: obs})
+		b = m.binderWith(nil, vfio.Options{Timeout: 5 * time.Second, Observer: obs})
 		originals, err = b.Snapshot(addrs(t, gpu, gpuAudio))
 		if err != nil {
 			t.Fatal(err)
