@@ -27,7 +27,9 @@ func addrPtr(t *testing.T, s string) *pci.Address {
 	return &a
 }
 
-func TestScanServer(t *testing.T) {
+// scanServer lays out the demo server and scans it.
+func scanServer(t *testing.T) (*pci.FS, []*pci.Device, []error) {
+	t.Helper()
 	root := t.TempDir()
 	if _, err := pcitest.NewServer(root); err != nil {
 		t.Fatal(err)
@@ -40,6 +42,11 @@ func TestScanServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return fs, devices, problems
+}
+
+func TestScanServer(t *testing.T) {
+	fs, devices, problems := scanServer(t)
 	if len(problems) > 0 {
 		t.Fatalf("unexpected problems: %v", problems)
 	}
@@ -389,18 +396,7 @@ func wantInt(t *testing.T, what string, got, want int) {
 // demo server the group that the full read gives it, and a function that
 // is not there none.
 func TestIOMMUGroupAsDevice(t *testing.T) {
-	root := t.TempDir()
-	if _, err := pcitest.NewServer(root); err != nil {
-		t.Fatal(err)
-	}
-	fs, err := pci.NewFS(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	devices, _, err := fs.Scan()
-	if err != nil {
-		t.Fatal(err)
-	}
+	fs, devices, _ := scanServer(t)
 	withGroup := 0
 	for _, d := range devices {
 		g, err := fs.IOMMUGroup(d.Address)
